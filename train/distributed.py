@@ -1,0 +1,214 @@
+"""Launcher-agnostic process-group setup, rank-0 printing, per-rank seeding and RNG state.
+
+The same training script runs under ``deepspeed --num_gpus N``, ``torchrun --nproc_per_node N``
+or as a plain single process (``python train/x.py``, or inside pytest). Both launchers export
+RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; without them we fill in a
+one-process world on a free local port, because otherwise ``deepspeed.init_distributed`` goes
+looking for MPI (mpi4py) to discover the world.
+
+``deepspeed`` is imported lazily so that helpers such as :func:`find_free_port` stay cheap to
+import (the tests use them from the parent process).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import random
+import socket
+import sys
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from mmcore.errors import UserError
+
+_ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits in the job and which device/backend it uses."""
+    rank: int
+    world_size: int
+    local_rank: int
+    backend: str
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def find_free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago (the OS picks it; tiny race, fine for local jobs)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def default_backend() -> str:
+    """nccl on CUDA machines, gloo on CPU (DeepSpeed's CPU default, ccl, is not installed)."""
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def _env_int(name: str) -> int:
+    raw = os.environ[name]
+    try:
+        return int(raw)
+    except ValueError:
+        raise UserError(f"environment variable {name}={raw!r} is not an integer") from None
+
+
+def ensure_dist_env() -> None:
+    """Fill in a one-process world when no launcher set the env; reject a half-set env."""
+    present = [key for key in _ENV_KEYS if key in os.environ]
+    if not present:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(find_free_port()))
+        return
+    missing = [key for key in _ENV_KEYS if key not in os.environ]
+    if missing:
+        raise UserError(f"launcher environment is incomplete: {', '.join(present)} set but "
+                        f"{', '.join(missing)} missing")
+    # A launcher always sets the rendezvous address; a hand-made env may not.
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        if _env_int("WORLD_SIZE") > 1:
+            raise UserError("MASTER_PORT is not set for a multi-process job")
+        os.environ["MASTER_PORT"] = str(find_free_port())
+
+
+def init_distributed(backend: str | None = None) -> DistInfo:
+    """Initialise the process group through DeepSpeed (idempotent) and return this rank's info."""
+    ensure_dist_env()
+    backend = backend or default_backend()
+    local_rank = _env_int("LOCAL_RANK")
+    if backend == "nccl":
+        # Pin the device before the first collective so NCCL does not put every rank on cuda:0.
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    _limit_cpu_threads(backend)
+    # DeepSpeed 0.19 calls torch.distributed functions that torch 2.13 deprecates; the warning
+    # comes from inside DeepSpeed on every collective and is not actionable here.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated",
+                            category=FutureWarning)
+    if not dist.is_initialized():
+        import deepspeed  # deferred: see the module docstring
+
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(),
+                    local_rank=local_rank, backend=backend, device=device)
+
+
+def _limit_cpu_threads(backend: str) -> None:
+    """Split the cores between the ranks of one machine unless OMP_NUM_THREADS says otherwise.
+
+    torchrun sets OMP_NUM_THREADS=1 itself, the deepspeed launcher does not: N ranks each using
+    every core oversubscribe the CPU and run several times slower.
+    """
+    if backend != "gloo" or "OMP_NUM_THREADS" in os.environ:
+        return
+    local_size = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or "1"
+    threads = max(1, (os.cpu_count() or 1) // max(1, int(local_size)))
+    torch.set_num_threads(threads)
+
+
+def shutdown_distributed() -> None:
+    """Tear the process group down so the process exits without gloo/NCCL warnings."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def print_rank0(*args: Any, **kwargs: Any) -> None:
+    """``print`` on rank 0 only, flushed so launcher-multiplexed output keeps its order."""
+    if is_main_process():
+        kwargs.setdefault("flush", True)
+        print(*args, **kwargs)
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_mean(value: float) -> float:
+    """Average a Python scalar over ranks (e.g. a loss for logging)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return float(value)
+    tensor = torch.tensor([float(value)], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        tensor = tensor.cuda()
+    dist.all_reduce(tensor)
+    return tensor.item() / dist.get_world_size()
+
+
+def all_ranks_true(flag: bool) -> bool:
+    """True only when ``flag`` holds on every rank (so all ranks agree on pass/fail)."""
+    if not dist.is_initialized():
+        return bool(flag)
+    tensor = torch.tensor([0 if flag else 1], dtype=torch.int64)
+    if dist.get_backend() == "nccl":
+        tensor = tensor.cuda()
+    dist.all_reduce(tensor)
+    return tensor.item() == 0
+
+
+def set_seed(seed: int, rank: int | None = None) -> int:
+    """Seed python/numpy/torch; with ``rank`` the seed is offset so ranks draw different streams.
+
+    Call ``set_seed(seed)`` before building a model (identical weights on every rank) and
+    ``set_seed(seed, rank)`` before training (different dropout/sampling per rank). Returns the
+    seed actually used.
+    """
+    effective = seed + (rank or 0) * 1_000_003  # a prime stride keeps per-rank streams apart
+    random.seed(effective)
+    np.random.seed(effective % 2**32)
+    torch.manual_seed(effective)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(effective)
+    return effective
+
+
+def rng_state() -> dict:
+    """This process's RNG states (python, numpy, torch CPU and, when present, CUDA)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` returned."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def add_launcher_args(parser) -> None:
+    """Accept the ``--local_rank=N`` the deepspeed launcher appends (the env var is used instead)."""
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                        help=argparse.SUPPRESS)
+
+
+def warn(message: str) -> None:
+    """A warning every rank prints, prefixed with its rank (for per-rank conditions)."""
+    print(f"[rank {get_rank()}] warning: {message}", file=sys.stderr, flush=True)

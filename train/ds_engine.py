@@ -1,0 +1,393 @@
+"""DeepSpeed engines from our typed configs, step-tagged checkpoints and fp32 consolidation.
+
+Division of labour between the two config sources:
+
+* ``configs/deepspeed/*.json`` hold only *how* state is sharded: ZeRO stage, bucket sizes,
+  offload, logging cadence. They never hold ``"auto"`` (that is an HF-Trainer convention which
+  ``deepspeed.initialize`` does not understand) and never hold values that a run's YAML owns.
+* The run's YAML (:class:`OptimConfig`, :class:`EngineConfig`) owns everything that changes the
+  maths: learning rate and schedule, batch shape, clipping, precision. :func:`resolve_ds_config`
+  injects those into the loaded JSON, so one JSON serves every job.
+
+The optimizer is a plain ``torch.optim.AdamW`` (ZeRO supports it natively): DeepSpeed's own
+CPU Adam would JIT-compile for about a minute on first use.
+
+Notes on the shipped JSONs (JSON has no comments): ``overlap_comm`` is off because CPU/gloo has
+no side streams to overlap with; ``stage3_param_persistence_threshold`` is 1e4 instead of the
+1e5 default so that even the tiny smoke models really get partitioned under ZeRO-3;
+``steps_per_print`` is huge because our trainers log themselves.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Literal
+
+import deepspeed
+import torch
+from deepspeed.utils import safe_get_full_fp32_param
+from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+from mmcore.config import ConfigError
+from mmcore.errors import UserError
+from mmcore.io import atomic_output_path, atomic_write_text
+from train.distributed import get_rank, rng_state, set_rng_state, warn
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# Keys the run's YAML owns; a DeepSpeed JSON that sets them would silently fight the YAML.
+YAML_OWNED_KEYS = {
+    "train_batch_size": "engine.micro_batch_size / engine.grad_accum_steps",
+    "train_micro_batch_size_per_gpu": "engine.micro_batch_size",
+    "gradient_accumulation_steps": "engine.grad_accum_steps",
+    "gradient_clipping": "optim.grad_clip",
+    "bf16": "engine.precision",
+    "fp16": "engine.precision",
+    "optimizer": "optim.*",
+    "scheduler": "optim.*",
+}
+TRAINER_STATE_KEY = "trainer_state"  # our namespace inside DeepSpeed's client_state
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    """AdamW with linear warm-up then cosine decay to ``min_lr_ratio * lr``."""
+    lr: float = 3e-4
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables clipping
+    warmup_steps: int = 0
+    total_steps: int = 1000
+    min_lr_ratio: float = 0.1
+
+    def validate(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
+        if self.total_steps < 1 or not 0 <= self.warmup_steps <= self.total_steps:
+            raise ConfigError(f"need 0 <= optim.warmup_steps ({self.warmup_steps}) <= "
+                              f"optim.total_steps ({self.total_steps}) and total_steps >= 1")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.grad_clip < 0:
+            raise ConfigError(f"optim.grad_clip must be >= 0, got {self.grad_clip}")
+
+
+@dataclasses.dataclass
+class EngineConfig:
+    """Which DeepSpeed JSON to use and the batch/precision values injected into it."""
+    deepspeed_config: str = "configs/deepspeed/zero2.json"  # relative to cwd or the repo root
+    micro_batch_size: int = 4  # per rank, per forward pass
+    grad_accum_steps: int = 1
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+
+    def validate(self) -> None:
+        if self.micro_batch_size < 1 or self.grad_accum_steps < 1:
+            raise ConfigError("engine.micro_batch_size and engine.grad_accum_steps must be >= 1")
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizer and schedule
+# ---------------------------------------------------------------------------------------------
+
+class WarmupCosine:
+    """LR multiplier: linear warm-up, then cosine from 1 to ``min_ratio``; flat after the end.
+
+    A class rather than a closure so ``LambdaLR.state_dict`` (and thus the checkpoint) records
+    its parameters.
+    """
+
+    def __init__(self, warmup_steps: int, total_steps: int, min_ratio: float):
+        self.warmup_steps = warmup_steps
+        self.total_steps = total_steps
+        self.min_ratio = min_ratio
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        decay_steps = max(1, self.total_steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / decay_steps)
+        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices only: biases, norms and other 1-D tensors are left undecayed."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
+                             betas=tuple(cfg.betas), eps=cfg.eps)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, WarmupCosine(cfg.warmup_steps, cfg.total_steps, cfg.min_lr_ratio))
+
+
+# ---------------------------------------------------------------------------------------------
+# DeepSpeed JSON
+# ---------------------------------------------------------------------------------------------
+
+def resolve_path(path: str | Path) -> Path:
+    """Absolute, else relative to the working directory, else relative to the repo root."""
+    path = Path(path)
+    if path.is_absolute() or path.exists():
+        return path
+    return REPO_ROOT / path
+
+
+def _find_auto(tree: Any, where: str = "") -> str | None:
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            found = _find_auto(value, f"{where}.{key}" if where else key)
+            if found:
+                return found
+    elif isinstance(tree, list):
+        for i, value in enumerate(tree):
+            found = _find_auto(value, f"{where}[{i}]")
+            if found:
+                return found
+    elif tree == "auto":
+        return where
+    return None
+
+
+def load_ds_json(path: str | Path) -> dict:
+    """Read a DeepSpeed JSON and check it holds only sharding/offload/logging settings."""
+    path = resolve_path(path)
+    if not path.is_file():
+        raise UserError(f"DeepSpeed config not found: {path}")
+    try:
+        tree = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: invalid JSON: {err}") from None
+    if not isinstance(tree, dict):
+        raise UserError(f"{path}: top level must be an object")
+    owned = sorted(set(tree) & set(YAML_OWNED_KEYS))
+    if owned:
+        hints = ", ".join(f"{key} -> {YAML_OWNED_KEYS[key]}" for key in owned)
+        raise UserError(f"{path}: these keys belong in the run's YAML, not the DeepSpeed JSON: {hints}")
+    auto_key = _find_auto(tree)
+    if auto_key:
+        raise UserError(f"{path}: {auto_key} is \"auto\"; deepspeed.initialize needs real values")
+    return tree
+
+
+def use_bf16(precision: str) -> bool:
+    if precision == "bf16" and not torch.cuda.is_available():
+        raise UserError("engine.precision=bf16 needs CUDA; use auto or fp32 on CPU")
+    return precision == "bf16" or (precision == "auto" and torch.cuda.is_available())
+
+
+def resolve_ds_config(engine_cfg: EngineConfig, optim_cfg: OptimConfig) -> dict:
+    """The JSON from ``engine_cfg.deepspeed_config`` with our YAML values injected.
+
+    ``train_batch_size`` is left out on purpose: DeepSpeed derives it as
+    micro batch x accumulation x data-parallel world size, so it can never disagree.
+    """
+    ds_config = load_ds_json(engine_cfg.deepspeed_config)
+    ds_config["train_micro_batch_size_per_gpu"] = engine_cfg.micro_batch_size
+    ds_config["gradient_accumulation_steps"] = engine_cfg.grad_accum_steps
+    ds_config["gradient_clipping"] = optim_cfg.grad_clip
+    ds_config["bf16"] = {"enabled": use_bf16(engine_cfg.precision)}
+    return ds_config
+
+
+def build_engine(model: torch.nn.Module, optim_cfg: OptimConfig,
+                 engine_cfg: EngineConfig) -> deepspeed.DeepSpeedEngine:
+    """Wrap ``model`` with AdamW + warm-up/cosine LambdaLR in a DeepSpeed engine.
+
+    The process group must already exist (:func:`train.distributed.init_distributed`). Every rank
+    must pass identically initialised weights (seed before building the model).
+    """
+    ds_config = resolve_ds_config(engine_cfg, optim_cfg)
+    optimizer = build_optimizer(model, optim_cfg)
+    scheduler = build_scheduler(optimizer, optim_cfg)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                           lr_scheduler=scheduler, config=ds_config)
+    return engine
+
+
+def zero_stage(engine: deepspeed.DeepSpeedEngine) -> int:
+    return int(engine.zero_optimization_stage())
+
+
+def current_lr(engine: deepspeed.DeepSpeedEngine) -> float:
+    return float(engine.get_lr()[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Training step and parameter access
+# ---------------------------------------------------------------------------------------------
+
+def hf_loss(output: Any) -> torch.Tensor:
+    """Loss of a ``transformers`` model called with ``labels``."""
+    return output.loss
+
+
+def train_step(engine: deepspeed.DeepSpeedEngine, micro_batches: Iterable[dict],
+               loss_fn: Callable[[Any], torch.Tensor] = hf_loss) -> float:
+    """One optimizer step over ``grad_accum_steps`` micro-batches; returns this rank's mean loss.
+
+    ``engine.step()`` is called after every micro-batch: DeepSpeed only applies the optimizer
+    (and advances the LR schedule) at the accumulation boundary.
+    """
+    micro_batches = list(micro_batches)
+    if len(micro_batches) != engine.gradient_accumulation_steps():
+        # Fewer would leave gradients accumulated into the next step; more would step twice.
+        raise ValueError(f"got {len(micro_batches)} micro-batches for "
+                         f"gradient_accumulation_steps={engine.gradient_accumulation_steps()}")
+    losses = []
+    for batch in micro_batches:
+        batch = {key: value.to(engine.device) for key, value in batch.items()}
+        loss = loss_fn(engine(**batch))
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.detach().float().item())
+    return sum(losses) / len(losses)
+
+
+def full_state_dict(engine: deepspeed.DeepSpeedEngine) -> dict[str, torch.Tensor]:
+    """Full fp32 CPU copies of every parameter: the optimizer's fp32 master weights when present.
+
+    Master weights, not the module's tensors, because under bf16 the module holds rounded copies
+    while checkpoints and :func:`consolidate_fp32` hold the masters. Frozen parameters (no
+    master) fall back to the module tensor, gathered from ZeRO-3 shards. A collective: every rank
+    must call it. Parameters are assembled one at a time, so peak memory stays at one full tensor
+    beyond the shards.
+    """
+    out = {}
+    for name, param in engine.module.named_parameters():
+        master = safe_get_full_fp32_param(param) if param.requires_grad else None
+        if master is not None:
+            out[name] = master.detach().float().cpu().clone()
+        elif hasattr(param, "ds_id"):  # a ZeRO-3 partitioned parameter
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                out[name] = param.detach().float().cpu().clone()
+        else:
+            out[name] = param.detach().float().cpu().clone()
+    return out
+
+
+def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """Largest element-wise difference between two state dicts (inf if keys or shapes differ)."""
+    if a.keys() != b.keys():
+        return math.inf
+    worst = 0.0
+    for key, tensor in a.items():
+        other = b[key]
+        if tensor.shape != other.shape:
+            return math.inf
+        worst = max(worst, (tensor.float() - other.float()).abs().max().item())
+    return worst
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------
+
+def checkpoint_tag(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _rng_file(checkpoint_dir: Path, tag: str, rank: int) -> Path:
+    return Path(checkpoint_dir) / tag / f"rng_state_rank{rank:05d}.pt"
+
+
+def save_checkpoint(engine: deepspeed.DeepSpeedEngine, checkpoint_dir: str | Path, step: int,
+                    trainer_state: dict | None = None) -> str:
+    """Save engine + optimizer + scheduler under tag ``step_XXXXXXXX``; returns the tag.
+
+    ``trainer_state`` (data position etc.) travels in DeepSpeed's client_state with ``step``
+    added. RNG states differ per rank but DeepSpeed writes client_state from rank 0 only, so each
+    rank writes its own RNG file into the tag directory. Collective: every rank must call it.
+    """
+    tag = checkpoint_tag(step)
+    state = {"step": step, "saved_at": time.time(), **(trainer_state or {})}
+    engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state={TRAINER_STATE_KEY: state})
+    rng_path = _rng_file(Path(checkpoint_dir), tag, get_rank())
+    with atomic_output_path(rng_path) as tmp:
+        torch.save(rng_state(), tmp)
+    return tag
+
+
+def latest_tag(checkpoint_dir: str | Path) -> str:
+    latest = Path(checkpoint_dir) / "latest"
+    if not latest.is_file():
+        raise UserError(f"no checkpoint in {checkpoint_dir} (missing 'latest' file)")
+    return latest.read_text(encoding="utf-8").strip()
+
+
+def load_checkpoint(engine: deepspeed.DeepSpeedEngine, checkpoint_dir: str | Path,
+                    tag: str | None = None, restore_rng: bool = True) -> dict:
+    """Load weights, optimizer and scheduler state into ``engine``; return the trainer state.
+
+    ``tag`` defaults to the one in the ``latest`` file. Collective: every rank must call it.
+    """
+    tag = tag or latest_tag(checkpoint_dir)
+    if not (Path(checkpoint_dir) / tag).is_dir():
+        raise UserError(f"checkpoint {Path(checkpoint_dir) / tag} does not exist")
+    load_path, client_state = engine.load_checkpoint(str(checkpoint_dir), tag=tag)
+    if load_path is None:
+        raise UserError(f"DeepSpeed could not load checkpoint {Path(checkpoint_dir) / tag}")
+    if restore_rng:
+        rng_path = _rng_file(Path(checkpoint_dir), tag, get_rank())
+        if rng_path.is_file():
+            # Our own file holding numpy/python RNG tuples, so not loadable with weights_only.
+            set_rng_state(torch.load(rng_path, weights_only=False))
+        else:  # e.g. resuming on more ranks than were saved
+            warn(f"no RNG state for this rank in {rng_path.parent}; keeping the current RNG")
+    return dict((client_state or {}).get(TRAINER_STATE_KEY, {}))
+
+
+def consolidate_fp32(checkpoint_dir: str | Path, tag: str | None = None) -> dict[str, torch.Tensor]:
+    """Merge a ZeRO-1/2/3 checkpoint's shards into one fp32 CPU state dict (no process group).
+
+    Works from the files alone, so it can run on one rank of a job or offline afterwards.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    tag = tag or latest_tag(checkpoint_dir)
+    if not (checkpoint_dir / tag).is_dir():
+        raise UserError(f"checkpoint {checkpoint_dir / tag} does not exist")
+    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
+    return dict(state)
+
+
+def save_safetensors(state_dict: dict[str, torch.Tensor], path: str | Path,
+                     metadata: dict[str, str] | None = None) -> Path:
+    """Write a state dict as safetensors, atomically.
+
+    safetensors refuses tensors that share storage (tied embeddings come back from consolidation
+    as one tensor under two names), so later aliases are cloned; unique tensors are not copied.
+    """
+    from safetensors.torch import save_file
+
+    seen: set[int] = set()
+    tensors = {}
+    for name, tensor in state_dict.items():
+        tensor = tensor.detach().cpu().contiguous()
+        ptr = tensor.untyped_storage().data_ptr()
+        if ptr in seen:
+            tensor = tensor.clone()
+        seen.add(ptr)
+        tensors[name] = tensor
+    path = Path(path)
+    with atomic_output_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return path
+
+
+def save_ds_config(ds_config: dict, path: str | Path) -> Path:
+    """Record the resolved DeepSpeed config next to a run's outputs."""
+    return atomic_write_text(Path(path), json.dumps(ds_config, indent=2, sort_keys=True) + "\n")
