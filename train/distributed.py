@@ -186,8 +186,14 @@ def set_seed(seed: int, rank: int | None = None) -> int:
 
 
 def rng_state() -> dict:
-    """This process's RNG states (python, numpy, torch CPU and, when present, CUDA)."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+    """This process's RNG states (python, numpy, torch CPU and, when present, CUDA).
+
+    Only tensors, ints, floats, strings and tuples, so the file loads with
+    ``torch.load(weights_only=True)`` (no pickle execution on resume).
+    """
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {"python": random.getstate(),
+             "numpy": (np_name, torch.from_numpy(np_keys.astype(np.int64)), np_pos, np_has_gauss, np_gauss),
              "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -196,8 +202,10 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     """Restore what :func:`rng_state` returned."""
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
+    np.random.set_state((np_name, np_keys.numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

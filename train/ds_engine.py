@@ -344,8 +344,7 @@ def load_checkpoint(engine: deepspeed.DeepSpeedEngine, checkpoint_dir: str | Pat
     if restore_rng:
         rng_path = _rng_file(Path(checkpoint_dir), tag, get_rank())
         if rng_path.is_file():
-            # Our own file holding numpy/python RNG tuples, so not loadable with weights_only.
-            set_rng_state(torch.load(rng_path, weights_only=False))
+            set_rng_state(torch.load(rng_path, weights_only=True))
         else:  # e.g. resuming on more ranks than were saved
             warn(f"no RNG state for this rank in {rng_path.parent}; keeping the current RNG")
     return dict((client_state or {}).get(TRAINER_STATE_KEY, {}))

@@ -1,0 +1,128 @@
+"""`make demo`: the main job end to end on the embedded default (ShapesWorld), on this machine.
+
+Each step is one of the project's own CLIs run as a subprocess, exactly as a user would type it,
+so the demo exercises the real entry points (and their launchers) rather than a private path.
+Steps so far: data generation -> text tokenizer -> 2-process DeepSpeed ZeRO run of a tiny Llama
+(save, reload, consolidate). Later stages (QLIP tokenizer, unified model, evaluation, samples,
+report) are appended to STEPS as they land.
+
+    python scripts/demo.py [--out runs/demo] [--only data,text_tokenizer]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Step(NamedTuple):
+    name: str
+    what: str
+    command: Callable[[Path], list[str]]
+    report: Callable[[Path], str]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def data_report(out: Path) -> str:
+    manifest = read_json(out / "data" / "manifest.json")
+    splits = manifest["splits"]
+    return (f"{manifest['image_size']} px, " + ", ".join(f"{name} {info['samples']} samples"
+                                                         for name, info in splits.items()))
+
+
+def tokenizer_report(out: Path) -> str:
+    info = read_json(out / "text_tokenizer.json")
+    return (f"{info['n_text']} pieces + {len(info['specials'])} specials, "
+            f"{info['mean_tokens_per_text']} tokens/text")
+
+
+def smoke_report(out: Path) -> str:
+    summary = read_json(out / "ds_smoke" / "summary.json")
+    return (f"ZeRO-{summary['zero_stage']} x {summary['world_size']} ranks, loss {summary['first_loss']:.2f} -> "
+            f"{summary['last_loss']:.2f}, {summary['mean_step_time_s'] * 1000:.0f} ms/step, "
+            f"resume/consolidation checks {'passed' if summary['all_passed'] else 'FAILED'}")
+
+
+STEPS = [
+    Step("data", "generate ShapesWorld shards (train/val/test)",
+         lambda out: [sys.executable, "-m", "unified_mm.data.shapesworld_cli",
+                      "--config", "configs/data/shapesworld.yaml", "--out", str(out / "data"), "--overwrite"],
+         data_report),
+    Step("text_tokenizer", "train the sentencepiece text tokenizer on the training text",
+         lambda out: [sys.executable, "-m", "train.text_tokenizer", "--config", "configs/text_tokenizer.yaml",
+                      f"data={out / 'data'}", f"out={out / 'text_tokenizer.model'}"],
+         tokenizer_report),
+    Step("ds_smoke", "tiny Llama under DeepSpeed ZeRO-2, 2 CPU processes: train, checkpoint, reload, consolidate",
+         lambda out: [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                      "--master_port", str(free_port()), "train/lm_smoke.py",
+                      "--config", "configs/smoke/lm_smoke.yaml", f"out_dir={out / 'ds_smoke'}"],
+         smoke_report),
+]
+
+
+def run_step(step: Step, out: Path, index: int, total: int) -> dict:
+    print(f"\n=== [{index}/{total}] {step.name}: {step.what}", flush=True)
+    command = step.command(out)
+    print("$ " + " ".join(command), flush=True)
+    start = time.perf_counter()
+    result = subprocess.run(command, cwd=ROOT, env=os.environ.copy())
+    seconds = time.perf_counter() - start
+    if result.returncode != 0:
+        print(f"\ndemo: step {step.name!r} failed (exit {result.returncode}) after {seconds:.0f} s; "
+              f"command above. Outputs so far are in {out}", file=sys.stderr)
+        sys.exit(result.returncode)
+    line = step.report(out)
+    print(f"--- {step.name} done in {seconds:.1f} s: {line}", flush=True)
+    return {"step": step.name, "seconds": round(seconds, 2), "result": line}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+    parser.add_argument("--only", default="", help="comma-separated step names to run (default: all): "
+                        + ", ".join(s.name for s in STEPS))
+    args = parser.parse_args()
+    wanted = [s for s in args.only.split(",") if s]
+    unknown = sorted(set(wanted) - {s.name for s in STEPS})
+    if unknown:
+        print(f"error: unknown step(s) {unknown}; steps: {[s.name for s in STEPS]}", file=sys.stderr)
+        return 2
+    steps = [s for s in STEPS if not wanted or s.name in wanted]
+    out = (ROOT / args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    if shutil.which("g++") is None:
+        print("warning: g++ not found; DeepSpeed's CPU comm op cannot be compiled", file=sys.stderr)
+
+    start = time.perf_counter()
+    results = [run_step(step, out, i + 1, len(steps)) for i, step in enumerate(steps)]
+    total = time.perf_counter() - start
+    summary = {"out": str(out), "seconds": round(total, 1), "steps": results}
+    (out / "demo_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+    print(f"\n=== demo finished in {total:.0f} s; outputs in {out}")
+    for r in results:
+        print(f"  {r['step']:<15} {r['seconds']:>7.1f} s  {r['result']}")
+    print(f"  summary: {out / 'demo_summary.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

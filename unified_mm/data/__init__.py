@@ -1,0 +1,1 @@
+"""Data: the ShapesWorld generator and its pixel analyser, plus webdataset shard reading."""
