@@ -144,7 +144,8 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
                 return _convert(value, arg, where)
             except ConfigError as err:
                 errors.append(str(err))
-        raise ConfigError(f"{where}: {value!r} does not match {_type_name(tp)}")
+        detail = f" ({'; '.join(errors)})" if errors else ""
+        raise ConfigError(f"{where}: {value!r} does not match {_type_name(tp)}{detail}")
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{where}: {value!r} is not one of {', '.join(repr(a) for a in args)}")

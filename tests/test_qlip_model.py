@@ -1,0 +1,287 @@
+"""QLIP model: output shapes, unit embeddings, EOT pooling, causality, 2D RoPE, stage-2 freezing,
+presets (B/L parameter counts on the meta device) and config validation."""
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from mmcore.config import ConfigError, config_from_dict, config_to_dict, deep_merge
+from tokenizer.bsq import BSQOutput
+from tokenizer.qlip import (
+    PRESETS, QLIP, QLIPConfig, QLIPOutput, TextConfig, ViTConfig, build_qlip, count_parameters,
+    preset_config,
+)
+from tokenizer.text_encoder import TextEncoder
+from tokenizer.vit import (
+    Attention, ViTEncoder, apply_rope, grid_coords, patch_rope_angles, rope_2d_angles,
+)
+
+B = 3
+
+
+@pytest.fixture(scope="module")
+def model() -> QLIP:
+    torch.manual_seed(0)
+    return build_qlip("tiny").eval()
+
+
+def pixels(batch=B, size=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(batch, 3, size, size, generator=g) * 2 - 1
+
+
+def text_batch(model, seed=0):
+    """Right-padded ids (B, 12) with real lengths 5, 12, 8 and pad id 0."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, model.config.text.vocab_size, (B, 12), generator=g)
+    lengths = torch.tensor([5, 12, 8])
+    mask = torch.arange(12)[None] < lengths[:, None]
+    return ids.masked_fill(~mask, 0), mask, lengths
+
+
+def unit_norm(x):
+    return torch.allclose(x.norm(dim=-1), torch.ones(x.shape[:-1]), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# shapes and ranges
+# ---------------------------------------------------------------------------------------------
+
+def test_forward_shapes_and_ranges(model):
+    cfg = model.config
+    ids, mask, _ = text_batch(model)
+    out = model(pixels(), ids, mask)
+    assert isinstance(out, QLIPOutput) and isinstance(out.bsq, BSQOutput)
+    N, L, G = cfg.encoder.num_patches, cfg.bsq.num_bits, cfg.bsq.num_groups
+    assert (N, L, G) == (64, 12, 2)
+    assert out.image_embeds.shape == (B, cfg.embed_dim)
+    assert out.text_embeds.shape == (B, cfg.embed_dim)
+    assert out.reconstruction.shape == (B, 3, 32, 32)
+    assert out.bsq.quantized.shape == (B, N, L) and out.bsq.bits.shape == (B, N, L)
+    assert out.bsq.bits.dtype == torch.bool
+    assert out.bsq.group_indices.shape == (B, N, G) and out.bsq.group_indices.dtype == torch.int64
+    assert out.bsq.loss.shape == () and out.logit_scale.shape == ()
+    assert out.logit_scale.item() == pytest.approx(1 / 0.07, rel=1e-5)
+    assert unit_norm(out.image_embeds) and unit_norm(out.text_embeds)
+    assert out.reconstruction.abs().max() <= 1.0
+
+    enc = model.encode(pixels())
+    assert enc.latents.shape == (B, N, L) and unit_norm(enc.latents)
+    assert model.encode_image_embeds(pixels()).shape == (B, cfg.embed_dim)
+    assert torch.allclose(model.encode_image_embeds(pixels()), out.image_embeds, atol=1e-6)
+    assert torch.equal(model.encode_codes(pixels()).bits, out.bsq.bits)
+
+
+def test_reconstruction_clamped_with_identity_gradient():
+    torch.manual_seed(0)
+    model = build_qlip("tiny")
+    with torch.no_grad():
+        model.decoder.head[-1].weight.mul_(1000)  # make the raw prediction overshoot
+    x = pixels()
+    out = model(x)
+    assert out.reconstruction.abs().max() <= 1.0
+    assert (out.reconstruction.abs() == 1).float().mean() > 0.2  # really saturated
+    out.reconstruction.sum().backward()
+    assert model.decoder.head[-1].bias.grad.abs().sum() > 0  # saturated pixels still learn
+
+
+def test_decode_paths_agree(model):
+    codes = model.encode_codes(pixels())
+    from_quantized = model.decode_codes(codes.quantized)
+    assert torch.allclose(model.decode_codes(codes.bits), from_quantized, atol=1e-6)
+    assert torch.allclose(model.decode_group_indices(codes.group_indices), from_quantized,
+                          atol=1e-6)
+    assert torch.allclose(model.reconstruct(pixels()), from_quantized, atol=1e-6)
+    with pytest.raises(TypeError):
+        model.decode_codes(codes.bits.long())
+
+
+def test_wrong_image_size_rejected(model):
+    with pytest.raises(ValueError, match="32, 32"):
+        model(pixels(size=48))
+
+
+# ---------------------------------------------------------------------------------------------
+# text tower
+# ---------------------------------------------------------------------------------------------
+
+def test_eot_pooling_uses_last_real_token(model):
+    ids, mask, lengths = text_batch(model)
+    ref = model.encode_text(ids, mask)
+    assert torch.allclose(model.encode_text(ids, lengths=lengths), ref, atol=1e-6)
+
+    after_eot = ids.clone()
+    after_eot[0, 5:] = 7  # row 0 has 5 real tokens: positions >= 5 are pads
+    after_eot[2, 8:] = 9
+    assert torch.allclose(model.encode_text(after_eot, mask), ref, atol=1e-5)
+
+    earlier = ids.clone()
+    earlier[0, 2] = (ids[0, 2] + 1) % model.config.text.vocab_size
+    changed = model.encode_text(earlier, mask)
+    assert not torch.allclose(changed[0], ref[0], atol=1e-4)
+    assert torch.allclose(changed[1:], ref[1:], atol=1e-6)  # rows are independent
+
+    no_mask = model.encode_text(ids[1:2])  # all 12 tokens real: same as row 1
+    assert torch.allclose(no_mask, ref[1:2], atol=1e-5)
+
+
+def test_text_encoder_is_causal(model):
+    ids, _, _ = text_batch(model)
+    hidden = model.text(ids).hidden
+    later = ids.clone()
+    later[:, 6:] = (ids[:, 6:] + 3) % model.config.text.vocab_size
+    hidden_later = model.text(later).hidden
+    assert torch.allclose(hidden[:, :6], hidden_later[:, :6], atol=1e-5)
+    assert not torch.allclose(hidden[:, 6:], hidden_later[:, 6:], atol=1e-4)
+
+
+def test_text_input_validation(model):
+    ids, mask, _ = text_batch(model)
+    with pytest.raises(ValueError, match="right-padded"):
+        model.encode_text(ids, mask.flip(-1))
+    too_long = torch.zeros(1, model.config.text.context_length + 1, dtype=torch.long)
+    with pytest.raises(ValueError, match="context_length"):
+        model.encode_text(too_long)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2D RoPE
+# ---------------------------------------------------------------------------------------------
+
+def test_rope_preserves_norms():
+    x = torch.randn(2, 4, 16, 32)
+    rotated = apply_rope(x, rope_2d_angles(grid_coords(4, 4), 32))
+    assert torch.allclose(rotated.norm(dim=-1), x.norm(dim=-1), atol=1e-5)
+    assert not torch.allclose(rotated, x)
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    torch.manual_seed(0)
+    q, k = torch.randn(16, 32), torch.randn(16, 32)
+    coords = grid_coords(4, 4)
+
+    def scores(shift):
+        angles = rope_2d_angles(coords + torch.tensor(shift), 32)
+        return apply_rope(q, angles) @ apply_rope(k, angles).T
+
+    base = scores([0.0, 0.0])
+    assert torch.allclose(scores([3.0, -5.0]), base, atol=1e-4)
+    assert torch.allclose(scores([0.5, 11.0]), base, atol=1e-4)
+    # and absolute positions are not simply ignored: swapping the axes changes the scores
+    swapped = apply_rope(q, rope_2d_angles(coords.flip(-1), 32))
+    assert not torch.allclose(swapped @ apply_rope(k, rope_2d_angles(coords.flip(-1), 32)).T,
+                              base, atol=1e-3)
+
+
+def test_rope_leaves_cls_unrotated_and_attention_runs():
+    cfg = ViTConfig(width=32, heads=2, rope=True)
+    angles = patch_rope_angles(cfg, num_prefix=1)
+    assert angles.shape == (1 + cfg.num_patches, cfg.head_dim // 2)
+    assert torch.count_nonzero(angles[0]) == 0
+    attn = Attention(32, 2)
+    x = torch.randn(2, 1 + cfg.num_patches, 32)
+    assert attn(x, angles).shape == x.shape
+
+
+# ---------------------------------------------------------------------------------------------
+# stage 2: frozen encoder, no text tower
+# ---------------------------------------------------------------------------------------------
+
+def test_freeze_encoder_trains_only_bottleneck_and_decoder():
+    torch.manual_seed(0)
+    model = build_qlip("tiny").freeze_encoder()
+    x = pixels()
+    out = model(x)
+    loss = (out.reconstruction - x).pow(2).mean() + out.bsq.loss
+    loss.backward()
+    for name, p in model.named_parameters():
+        trainable = name.startswith(("bottleneck.", "decoder."))
+        assert p.requires_grad == trainable, name
+        assert (p.grad is not None) == trainable, name
+    counts, trainable = count_parameters(model), count_parameters(model, trainable_only=True)
+    assert trainable["total"] == counts["bottleneck"] + counts["decoder"]
+
+
+def test_without_text_tower():
+    model = build_qlip(preset_config("tiny", {"text": None}))
+    assert model.text is None and count_parameters(model)["text"] == 0
+    out = model(pixels())
+    assert out.text_embeds is None and out.reconstruction.shape == (B, 3, 32, 32)
+    with pytest.raises(RuntimeError, match="no text tower"):
+        model.encode_text(torch.zeros(1, 4, dtype=torch.long))
+
+    dropped = build_qlip("tiny").drop_text()
+    assert dropped.text is None and dropped.config.text is None
+    assert dropped(pixels()).text_embeds is None
+
+
+# ---------------------------------------------------------------------------------------------
+# presets and parameter counts
+# ---------------------------------------------------------------------------------------------
+
+def test_preset_table_is_consistent():
+    assert set(PRESETS) >= {"tiny", "B-16-256", "B-8-256", "L-14-392"}
+    for name, cfg in PRESETS.items():
+        cfg.validate()
+        assert config_from_dict(QLIPConfig, config_to_dict(cfg)) == cfg, name
+    tiny = preset_config("tiny")
+    assert tiny is not PRESETS["tiny"] and tiny == PRESETS["tiny"]
+    assert preset_config("tiny", {"bsq": {"entropy_weight": 0.5}}).bsq.entropy_weight == 0.5
+    with pytest.raises(ConfigError, match="unknown QLIP preset"):
+        preset_config("B-32")
+
+
+@pytest.mark.parametrize("name, encoder, decoder, bottleneck, tol", [
+    # paper: 87M + 87M + 1M (B), 304M + 304M + 2M (L); bottleneck figures are rounded to 1 digit
+    ("B-16-256", 87e6, 87e6, 1e6, dict(trunk=0.02, bottleneck=0.3)),
+    ("L-14-392", 304e6, 304e6, 2e6, dict(trunk=0.01, bottleneck=0.15)),
+])
+def test_released_shapes_match_paper_counts(name, encoder, decoder, bottleneck, tol):
+    with torch.device("meta"):
+        counts = count_parameters(build_qlip(name))
+    assert counts["encoder"] == pytest.approx(encoder, rel=tol["trunk"])
+    assert counts["decoder"] == pytest.approx(decoder, rel=tol["trunk"])
+    assert counts["bottleneck"] == pytest.approx(bottleneck, rel=tol["bottleneck"])
+    assert counts["total"] == sum(v for k, v in counts.items() if k != "total")
+
+
+def test_text_tower_matches_openclip_b():
+    with torch.device("meta"):
+        text = TextEncoder(PRESETS["B-16-256"].text, embed_dim=512)
+    assert sum(p.numel() for p in text.parameters()) == pytest.approx(63.4e6, rel=0.01)
+
+
+# ---------------------------------------------------------------------------------------------
+# config validation
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("change, message", [
+    ({"encoder": {"image_size": 30}}, "divisible by patch_size"),
+    ({"encoder": {"heads": 5}}, "divisible by heads"),
+    ({"encoder": {"width": 120, "heads": 4, "rope": True}}, "RoPE"),
+    ({"decoder": {"patch_size": 8}}, "token grid"),
+    # mmcore reports a bad value of an Optional field by naming the type, not the inner error
+    ({"text": {"width": 100, "heads": 3}}, "TextConfig"),
+    ({"bsq": {"num_bits": 13}}, "divisible by group_size"),
+    ({"embed_dim": 0}, "embed_dim"),
+    ({"bottleneck_act": "relu"}, "bottleneck_act"),
+    ({"encoder": {"widht": 64}}, "did you mean 'width'"),
+])
+def test_config_errors(change, message):
+    data = config_to_dict(PRESETS["tiny"])
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(QLIPConfig, deep_merge(data, change))
+
+
+def test_model_validates_config():
+    bad = dataclasses.replace(PRESETS["tiny"],
+                              encoder=dataclasses.replace(PRESETS["tiny"].encoder, image_size=30))
+    with pytest.raises(ConfigError, match="divisible"):
+        QLIP(bad)
+    with pytest.raises(ConfigError):
+        ViTEncoder(ViTConfig(width=64, heads=3))
+    with pytest.raises(ConfigError, match="divisible by heads"):
+        TextEncoder(TextConfig(width=100, heads=3), embed_dim=8)
+    assert QLIPConfig().text == PRESETS["tiny"].text  # defaults are the tiny shape
+    assert math.isclose(PRESETS["tiny"].init_temperature, 0.07)

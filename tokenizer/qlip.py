@@ -1,0 +1,406 @@
+"""QLIP: a BSQ autoencoder whose ViT encoder is also CLIP-aligned with text (NVlabs 2025).
+
+Data flow for pixels (B, 3, H, W) in [-1, 1]::
+
+    ViTEncoder ─┬─ [CLS] ─ LayerNorm ─ Linear ─ L2 ─────────────────────> image_embeds (B, E)
+                └─ patches (B, N, d_enc), no final LayerNorm
+                     ─ MLP↓ (d_enc -> h -> L) ─ L2 ─ BSQ ─> codes (bits, group indices, û)
+                     ─ MLP↑ (L -> h -> d_dec) ─ ViTDecoder ─> reconstruction (B, 3, H, W)
+    text ids ─ TextEncoder (causal, EOT pooling) ─ Linear ─ L2 ────────> text_embeds (B, E)
+
+The patch path skips the final LayerNorm (per the design): that LayerNorm belongs to the
+contrastive head, and the quantizer path gets its own projection and normalisation instead. The
+bottleneck MLPs are cheap (~1 % of the model) and give the quantizer room to pick which L of the
+d_enc directions to keep. Training (elsewhere) uses: a contrastive loss on (image_embeds,
+text_embeds) scaled by ``logit_scale``, a reconstruction loss on ``reconstruction`` and
+``bsq.loss``; stage 2 calls :meth:`QLIP.freeze_encoder` and :meth:`QLIP.drop_text` and trains
+only the bottleneck MLPs and the decoder.
+
+Parameter counts (``count_parameters``; ``python -m tokenizer.qlip`` prints them)::
+
+    preset         encoder   bottleneck      decoder         text        total
+    tiny           828,368       36,236      828,160      750,720    2,443,485
+    B-16-256    86,317,824    1,224,988   86,513,664   63,428,096  237,484,573
+    B-8-256     86,465,280    1,224,988   86,660,544   63,428,096  237,778,909
+    L-14-392   304,669,632    2,157,596  304,930,316  123,650,304  735,407,849
+    (totals include the one-parameter logit_scale)
+
+The paper quotes 87M / 87M / 1M (B) and 304M / 304M / 2M (L) for encoder / decoder /
+bottleneck; our encoder and decoder are within 1 % (B: 86.3M / 86.5M, L: 304.7M / 304.9M).
+For B-16-256 the encoder is: patch embedding 0.59M + [CLS] and 197 positions 0.20M + 12 EVA-02
+blocks 85.13M (7.09M each; SwiGLU with hidden int(768 * 8/3) = 2048 is as big as a GELU MLP of
+ratio 4) + [CLS] LayerNorm and image projection 0.39M. The decoder is: 256 positions 0.20M + the
+same 12 blocks + head 1.18M (LayerNorm, 768x768, 768x768). The 0.5-0.7M left to "87M" is
+within the paper's rounding plus details we do not replicate (bias choices, exact head shapes
+of the release). B-8-256 has a smaller patch embedding / head (patch 8) but 4x the positions. The
+bottleneck is MLP↓ (768x768 + 768x28) + MLP↑ (28x768 + 768x768) = 1.22M ("1M"); L: 2.16M ("2M").
+The text towers are the OpenCLIP B (63.4M) and L (123.7M) shapes.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from typing import Literal, NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mmcore.config import ConfigError, config_from_dict, config_to_dict, deep_merge
+from tokenizer.bsq import BSQConfig, BSQOutput, BSQuantizer, bits_to_quantized
+from tokenizer.text_encoder import TextConfig, TextEncoder
+from tokenizer.vit import ViTConfig, ViTDecoder, ViTEncoder
+
+__all__ = [
+    "ViTConfig", "TextConfig", "QLIPConfig", "PresetRow", "PRESET_ROWS", "PRESETS",
+    "preset_config", "QLIP", "EncodeOutput", "QLIPOutput", "build_qlip", "count_parameters",
+    "PARTS",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class QLIPConfig:
+    """Whole tokenizer. Defaults are a small plain-ViT CPU model (the ``tiny`` shape without the
+    EVA-02 options); :data:`PRESETS` / :func:`preset_config` hold the real ones."""
+
+    encoder: ViTConfig = dataclasses.field(default_factory=ViTConfig)
+    decoder: ViTConfig = dataclasses.field(default_factory=ViTConfig)
+    text: TextConfig | None = dataclasses.field(default_factory=TextConfig)  # None: no text tower
+    embed_dim: int = 128  # shared image/text embedding size of the contrastive path
+    bsq: BSQConfig = dataclasses.field(default_factory=BSQConfig)
+    bottleneck_hidden: int | None = None  # hidden width of MLP↓ / MLP↑; None = encoder width
+    bottleneck_act: Literal["gelu", "tanh"] = "gelu"
+    init_temperature: float = 0.07  # logit_scale starts at ln(1 / init_temperature)
+    max_logit_scale: float = 100.0  # logit_scale is clamped to ln(max_logit_scale) when used
+
+    @property
+    def bottleneck_width(self) -> int:
+        return self.bottleneck_hidden or self.encoder.width
+
+    def validate(self) -> None:
+        self.encoder.validate("QLIPConfig.encoder")
+        self.decoder.validate("QLIPConfig.decoder")
+        if self.text is not None:
+            self.text.validate("QLIPConfig.text")
+        self.bsq.validate()
+        enc, dec = self.encoder, self.decoder
+        if (enc.image_size, enc.patch_size) != (dec.image_size, dec.patch_size):
+            raise ConfigError(f"QLIPConfig: decoder image_size/patch_size ({dec.image_size}/"
+                              f"{dec.patch_size}) must equal the encoder's ({enc.image_size}/"
+                              f"{enc.patch_size}): the decoder rebuilds the encoder's token grid")
+        if self.embed_dim < 1:
+            raise ConfigError(f"QLIPConfig.embed_dim must be >= 1, got {self.embed_dim}")
+        if self.bottleneck_hidden is not None and self.bottleneck_hidden < 1:
+            raise ConfigError(f"QLIPConfig.bottleneck_hidden must be >= 1 or null, got "
+                              f"{self.bottleneck_hidden}")
+        if self.bottleneck_act not in ("gelu", "tanh"):
+            raise ConfigError(f"QLIPConfig.bottleneck_act must be 'gelu' or 'tanh', got "
+                              f"{self.bottleneck_act!r}")
+        if not self.init_temperature > 0:
+            raise ConfigError(f"QLIPConfig.init_temperature must be > 0, got "
+                              f"{self.init_temperature}")
+        if not self.max_logit_scale >= 1:
+            raise ConfigError(f"QLIPConfig.max_logit_scale must be >= 1, got "
+                              f"{self.max_logit_scale}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets: one row per model
+# ---------------------------------------------------------------------------------------------
+
+class PresetRow(NamedTuple):
+    """Shape of one preset. Encoder and decoder share it (symmetric, as in the paper)."""
+
+    image_size: int
+    patch_size: int
+    width: int
+    depth: int
+    heads: int
+    embed_dim: int
+    text: tuple[int, int, int] | None  # (width, depth, heads) of the text tower
+    vocab_size: int
+    context_length: int
+    num_bits: int
+    group_size: int
+    entropy_mode: str
+
+
+PRESET_ROWS: dict[str, PresetRow] = {
+    # CPU model: 8x8 tokens, 12 bits = 2 AR tokens of 64 codes per patch; trains in minutes.
+    # vocab 1024 covers the project's 512-piece sentencepiece + specials.
+    "tiny":     PresetRow(32, 4, 128, 4, 4, 128, (128, 3, 4), 1024, 64, 12, 6, "group"),
+    # Released-model shapes: EVA-02 ViT-B / ViT-L trunks, OpenCLIP B / L text towers, 28 bits.
+    # group_size 14 (2 AR tokens of 16384 codes); 'analytical' entropy because 'group' mode
+    # would materialise 2**14 probabilities per token and group.
+    "B-16-256": PresetRow(256, 16, 768, 12, 12, 512, (512, 12, 8), 49408, 77, 28, 14, "analytical"),
+    "B-8-256":  PresetRow(256, 8, 768, 12, 12, 512, (512, 12, 8), 49408, 77, 28, 14, "analytical"),
+    "L-14-392": PresetRow(392, 14, 1024, 24, 16, 768, (768, 12, 12), 49408, 77, 28, 14,
+                          "analytical"),
+}
+
+# BSQ loss weights of every preset: starting points (BSQ-ViT style γ = τ = 1), not paper values.
+_BSQ_LOSS = dict(inv_temperature=1.0, gamma=1.0, entropy_weight=0.1, commit_weight=0.25)
+
+
+def _config_from_row(row: PresetRow) -> QLIPConfig:
+    """All presets use the EVA-02 block (2D RoPE, SwiGLU with hidden int(8/3 d), sub-LN)."""
+    trunk = ViTConfig(image_size=row.image_size, patch_size=row.patch_size, width=row.width,
+                      depth=row.depth, heads=row.heads, mlp_ratio=8 / 3, swiglu=True,
+                      sub_ln=True, rope=True)
+    text = None
+    if row.text is not None:
+        t_width, t_depth, t_heads = row.text
+        text = TextConfig(vocab_size=row.vocab_size, context_length=row.context_length,
+                          width=t_width, depth=t_depth, heads=t_heads)
+    bsq = BSQConfig(num_bits=row.num_bits, group_size=row.group_size,
+                    entropy_mode=row.entropy_mode, **_BSQ_LOSS)
+    config = QLIPConfig(encoder=trunk, decoder=copy.deepcopy(trunk), text=text,
+                        embed_dim=row.embed_dim, bsq=bsq)
+    config.validate()
+    return config
+
+
+PRESETS: dict[str, QLIPConfig] = {name: _config_from_row(row) for name, row in PRESET_ROWS.items()}
+
+
+def preset_config(name: str, overrides: dict | None = None) -> QLIPConfig:
+    """A fresh copy of preset ``name``, optionally deep-merged with a dict of overrides
+    (e.g. ``{"bsq": {"entropy_weight": 0.05}, "text": None}``), validated."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown QLIP preset {name!r}; known: {', '.join(PRESETS)}")
+    if not overrides:
+        return copy.deepcopy(PRESETS[name])
+    return config_from_dict(QLIPConfig, deep_merge(config_to_dict(PRESETS[name]), overrides))
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------
+
+class EncodeOutput(NamedTuple):
+    image_embeds: torch.Tensor  # (B, E) L2-normalised contrastive image embedding
+    codes: BSQOutput  # per patch: quantized (B, N, L), bits (B, N, L), group_indices (B, N, G)
+    latents: torch.Tensor  # (B, N, L) L2-normalised pre-quantization vectors u
+
+
+class QLIPOutput(NamedTuple):
+    image_embeds: torch.Tensor  # (B, E) L2-normalised
+    text_embeds: torch.Tensor | None  # (B_text, E) L2-normalised; None without text input
+    reconstruction: torch.Tensor  # (B, 3, H, W) in [-1, 1] (straight-through clamp)
+    bsq: BSQOutput  # codes and the quantizer's loss / metrics
+    logit_scale: torch.Tensor  # () exp of the clamped learnable log-scale
+
+
+class ImageEmbeddingHead(nn.Module):
+    """[CLS] state -> LayerNorm -> Linear -> L2: the image side of the contrastive path."""
+
+    def __init__(self, width: int, embed_dim: int, eps: float):
+        super().__init__()
+        self.norm = nn.LayerNorm(width, eps=eps)
+        self.proj = nn.Linear(width, embed_dim, bias=False)
+        nn.init.normal_(self.proj.weight, std=width ** -0.5)
+
+    def forward(self, cls: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.proj(self.norm(cls)), dim=-1)
+
+
+def _mlp(d_in: int, hidden: int, d_out: int, act: str) -> nn.Sequential:
+    mlp = nn.Sequential(nn.Linear(d_in, hidden), nn.GELU() if act == "gelu" else nn.Tanh(),
+                        nn.Linear(hidden, d_out))
+    for layer in (mlp[0], mlp[2]):
+        nn.init.trunc_normal_(layer.weight, std=0.02, a=-0.04, b=0.04)
+        nn.init.zeros_(layer.bias)
+    return mlp
+
+
+class Bottleneck(nn.Module):
+    """MLP↓ to L dims + L2 normalisation (quantizer input) and MLP↑ back to decoder width."""
+
+    def __init__(self, config: QLIPConfig):
+        super().__init__()
+        L = config.bsq.num_bits
+        hidden, act = config.bottleneck_width, config.bottleneck_act
+        self.down = _mlp(config.encoder.width, hidden, L, act)
+        self.up = _mlp(L, hidden, config.decoder.width, act)
+
+    def to_unit(self, patches: torch.Tensor) -> torch.Tensor:
+        """(B, N, d_enc) -> (B, N, L) unit vectors."""
+        return F.normalize(self.down(patches), dim=-1)
+
+    def from_codes(self, quantized: torch.Tensor) -> torch.Tensor:
+        """(B, N, L) code vectors -> (B, N, d_dec) decoder input."""
+        return self.up(quantized)
+
+
+def clamp_pixels(raw: torch.Tensor) -> torch.Tensor:
+    """Clamp to [-1, 1] with an identity gradient.
+
+    The forward value is exactly in range (``clamped + (raw - raw) == clamped``), while a pixel
+    that overshoots still gets a gradient pulling it back, unlike ``torch.clamp`` whose zero
+    gradient outside the range can leave saturated pixels stuck.
+    """
+    return raw.clamp(-1.0, 1.0) + (raw - raw.detach())
+
+
+class QLIP(nn.Module):
+    """The tokenizer. See the module docstring for the data flow."""
+
+    def __init__(self, config: QLIPConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.encoder = ViTEncoder(config.encoder)
+        self.image_head = ImageEmbeddingHead(config.encoder.width, config.embed_dim,
+                                             config.encoder.layer_norm_eps)
+        self.bottleneck = Bottleneck(config)
+        self.quantizer = BSQuantizer(config.bsq)
+        self.decoder = ViTDecoder(config.decoder)
+        self.text = TextEncoder(config.text, config.embed_dim) if config.text is not None else None
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / config.init_temperature)))
+        self._encoder_frozen = False
+
+    # -- stage-2 switches -----------------------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        """Parameter dtype of the decoder side (code vectors are built in it)."""
+        return self.decoder.pos_embed.dtype
+
+    @property
+    def encoder_frozen(self) -> bool:
+        return self._encoder_frozen
+
+    def freeze_encoder(self) -> "QLIP":
+        """Stop training everything but the bottleneck MLPs and the decoder.
+
+        Freezes the ViT encoder, the [CLS] head, the text tower (if any) and the logit scale, and
+        runs the encoder trunk without autograd from then on (no activations kept for it).
+        """
+        for module in (self.encoder, self.image_head, self.text):
+            if module is not None:
+                module.requires_grad_(False)
+        self.logit_scale.requires_grad_(False)
+        self._encoder_frozen = True
+        return self
+
+    def drop_text(self) -> "QLIP":
+        """Delete the text tower (stage 2 / tokenization only); ``config.text`` becomes None."""
+        self.text = None
+        self.config = dataclasses.replace(self.config, text=None)
+        return self
+
+    # -- image paths --------------------------------------------------------------------------
+    def _trunk(self, pixels: torch.Tensor):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self._encoder_frozen):
+            return self.encoder(pixels)
+
+    def encode(self, pixels: torch.Tensor) -> EncodeOutput:
+        """(B, 3, H, W) in [-1, 1] -> image embedding, BSQ codes and pre-quantization latents."""
+        features = self._trunk(pixels)
+        latents = self.bottleneck.to_unit(features.patches)  # (B, N, L)
+        return EncodeOutput(self.image_head(features.cls), self.quantizer(latents), latents)
+
+    def encode_image_embeds(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, E) L2-normalised image embeddings (skips the quantizer)."""
+        return self.image_head(self._trunk(pixels).cls)
+
+    def encode_codes(self, pixels: torch.Tensor) -> BSQOutput:
+        """(B, 3, H, W) -> BSQOutput with bits (B, N, L) and group_indices (B, N, G), row-major."""
+        latents = self.bottleneck.to_unit(self._trunk(pixels).patches)
+        return self.quantizer(latents)
+
+    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """(B, N, L) bool bits or float code vectors (±1/sqrt(L)) -> (B, 3, H, W) in [-1, 1]."""
+        if codes.dtype == torch.bool:
+            codes = bits_to_quantized(codes, self.dtype)
+        elif not codes.dtype.is_floating_point:
+            raise TypeError(f"decode_codes takes bool bits or float code vectors, got "
+                            f"{codes.dtype}; use decode_group_indices for integer indices")
+        if codes.shape[-1] != self.config.bsq.num_bits:
+            raise ValueError(f"expected codes with last dim num_bits={self.config.bsq.num_bits}, "
+                             f"got {tuple(codes.shape)}")
+        return clamp_pixels(self.decoder(self.bottleneck.from_codes(codes)))
+
+    def decode_group_indices(self, group_indices: torch.Tensor) -> torch.Tensor:
+        """(B, N, G) int group indices (e.g. sampled by the AR model) -> (B, 3, H, W)."""
+        return self.decode_codes(self.quantizer.decode_group_indices(group_indices, self.dtype))
+
+    def reconstruct(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, 3, H, W) through the quantizer, in [-1, 1]."""
+        return self.decode_codes(self.encode_codes(pixels).quantized)
+
+    # -- text / contrastive -------------------------------------------------------------------
+    def encode_text(self, text_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                    lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, N) right-padded ids -> (B, E) L2-normalised text embeddings (EOT pooling)."""
+        if self.text is None:
+            raise RuntimeError("this QLIP has no text tower (config.text is None or dropped)")
+        return self.text(text_ids, attention_mask, lengths).embeds
+
+    def get_logit_scale(self) -> torch.Tensor:
+        """() exp(min(log-scale, ln(max_logit_scale))): multiply cosine similarities by it."""
+        return self.logit_scale.clamp(max=math.log(self.config.max_logit_scale)).exp()
+
+    def forward(self, pixels: torch.Tensor, text_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None) -> QLIPOutput:
+        """Everything a training step needs; text embeddings only when ``text_ids`` is given."""
+        encoded = self.encode(pixels)
+        reconstruction = self.decode_codes(encoded.codes.quantized)
+        text_embeds = None
+        if text_ids is not None:
+            text_embeds = self.encode_text(text_ids, attention_mask)
+        return QLIPOutput(encoded.image_embeds, text_embeds, reconstruction, encoded.codes,
+                          self.get_logit_scale())
+
+
+# ---------------------------------------------------------------------------------------------
+# Building and counting
+# ---------------------------------------------------------------------------------------------
+
+def build_qlip(config_or_preset: QLIPConfig | str) -> QLIP:
+    """A QLIP from a config or a preset name. Wrap in ``with torch.device("meta"):`` to get the
+    structure without allocating weights (e.g. to count parameters of the big presets)."""
+    config = preset_config(config_or_preset) if isinstance(config_or_preset, str) \
+        else config_or_preset
+    return QLIP(config)
+
+
+# part name -> parameter-name prefixes; every parameter belongs to exactly one part
+PARTS: dict[str, tuple[str, ...]] = {
+    "encoder": ("encoder.", "image_head."),
+    "bottleneck": ("bottleneck.",),
+    "decoder": ("decoder.",),
+    "text": ("text.",),
+    "logit_scale": ("logit_scale",),
+}
+
+
+def count_parameters(model: QLIP, trainable_only: bool = False) -> dict[str, int]:
+    """Parameter count per part (see :data:`PARTS`) plus ``total``; works on meta tensors."""
+    counts = dict.fromkeys(PARTS, 0)
+    for name, param in model.named_parameters():
+        if trainable_only and not param.requires_grad:
+            continue
+        part = next((p for p, prefixes in PARTS.items() if name.startswith(prefixes)), None)
+        if part is None:
+            raise RuntimeError(f"parameter {name!r} belongs to no part in PARTS")
+        counts[part] += param.numel()
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+def _print_counts() -> None:
+    parts = [*PARTS, "total"]
+    print(f"{'preset':10}" + "".join(f"{p:>14}" for p in parts))
+    for name in PRESETS:
+        with torch.device("meta"):
+            counts = count_parameters(build_qlip(name))
+        print(f"{name:10}" + "".join(f"{counts[p]:>14,}" for p in parts))
+
+
+if __name__ == "__main__":
+    _print_counts()
