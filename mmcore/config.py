@@ -129,6 +129,8 @@ def _type_name(tp: Any) -> str:
 
 
 def _convert(value: Any, tp: Any, where: str) -> Any:
+    if tp in (dict, list, tuple):  # bare containers: any contents
+        tp = {dict: dict[Any, Any], list: list[Any], tuple: tuple[Any, ...]}[tp]
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if tp is Any:

@@ -233,14 +233,16 @@ def bit_logits(unit_vectors: torch.Tensor, inv_temperature: float) -> torch.Tens
     return (4.0 * inv_temperature / math.sqrt(L)) * unit_vectors.float()
 
 
-def distributed_mean(x: torch.Tensor) -> torch.Tensor:
+def distributed_mean(x: torch.Tensor, across_ranks: bool = True) -> torch.Tensor:
     """Mean over dim 0 of ``x`` across all ranks (weighted by each rank's row count).
+
+    ``across_ranks=False`` (or no process group) gives the local mean and no collective.
 
     Gradient flows only through this rank's rows: the other ranks' sums enter as constants, and
     each rank back-propagates its own share of the (identical) global entropy.
     """
     local_sum = x.sum(0)
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not across_ranks or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return local_sum / x.shape[0]
     packed = torch.cat([local_sum.detach().flatten(), local_sum.new_tensor([x.shape[0]])])
     dist.all_reduce(packed)  # one collective: sums and counts
@@ -254,7 +256,7 @@ def _entropy_of_probs(p: torch.Tensor) -> torch.Tensor:
 
 
 def group_entropies(unit_vectors: torch.Tensor, group_size: int, inv_temperature: float,
-                    mode: str = "group") -> tuple[torch.Tensor, torch.Tensor]:
+                    mode: str = "group", across_ranks: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(per_sample_entropy, codebook_entropy), both () float32 in nats.
 
     ``per_sample`` = mean over tokens (all leading dims) of Σ_groups H(q_group(·|u)) — exact for
@@ -267,13 +269,13 @@ def group_entropies(unit_vectors: torch.Tensor, group_size: int, inv_temperature
         logp = logp.reshape(-1, *logp.shape[-2:])  # (N, G, C)
         p = logp.exp()
         per_sample = -(p * logp).sum(-1).sum(-1).mean()
-        return per_sample, _entropy_of_probs(distributed_mean(p)).sum()
+        return per_sample, _entropy_of_probs(distributed_mean(p, across_ranks)).sum()
     if mode == "analytical":
         x = bit_logits(unit_vectors, inv_temperature).reshape(-1, unit_vectors.shape[-1])  # (N, L)
         p1 = torch.sigmoid(x)
         # H_b = -p log p - (1-p) log(1-p) with log p = -softplus(-x), log(1-p) = -softplus(x)
         per_sample = (p1 * F.softplus(-x) + (1 - p1) * F.softplus(x)).sum(-1).mean()
-        mean_p1 = distributed_mean(p1)  # (L,)
+        mean_p1 = distributed_mean(p1, across_ranks)  # (L,)
         return per_sample, _entropy_of_probs(torch.stack([mean_p1, 1 - mean_p1], -1)).sum()
     raise ValueError(f"entropy mode must be 'group' or 'analytical', got {mode!r}")
 
@@ -337,8 +339,9 @@ class BSQuantizer(nn.Module):
         group_indices = bits_to_group_indices(bits, c.group_size)
         # With entropy_weight = 0 the entropies are metrics only: skip their (large) graph.
         with torch.set_grad_enabled(torch.is_grad_enabled() and c.entropy_weight > 0):
-            per_sample, codebook = group_entropies(unit_vectors, c.group_size,
-                                                   c.inv_temperature, c.entropy_mode)
+            # in eval mode no collective: one rank may evaluate while the others wait
+            per_sample, codebook = group_entropies(unit_vectors, c.group_size, c.inv_temperature,
+                                                   c.entropy_mode, across_ranks=self.training)
         commit = commitment_loss(quantized, unit_vectors)
         loss = c.entropy_weight * (per_sample - c.gamma * codebook) + c.commit_weight * commit
         used = used_code_entropy_bits(group_indices, c.group_size).sum()

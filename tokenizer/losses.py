@@ -163,7 +163,7 @@ def clip_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale
                          f"{tuple(image_embeds.shape)} and {tuple(text_embeds.shape)}")
     both = gather_rows(torch.cat([image_embeds, text_embeds], 1).float(), rescale_local_grad)
     images, texts = both.split(image_embeds.shape[1], dim=1)  # one gather for both towers
-    scale = logit_scale.float().exp().clamp(max=max_logit_scale)
+    scale = logit_scale.float().exp().clamp(max=max_logit_scale).reshape(())
     logits = scale * images @ texts.T  # (B, B): rows = images, columns = captions
     n = logits.shape[0]
     if positives is None:

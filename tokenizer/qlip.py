@@ -261,7 +261,8 @@ class QLIP(nn.Module):
         self.quantizer = BSQuantizer(config.bsq)
         self.decoder = ViTDecoder(config.decoder)
         self.text = TextEncoder(config.text, config.embed_dim) if config.text is not None else None
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / config.init_temperature)))
+        # shape (1,), not (): DeepSpeed's parameter broadcast cannot handle 0-dim tensors
+        self.logit_scale = nn.Parameter(torch.tensor([math.log(1.0 / config.init_temperature)]))
         self._encoder_frozen = False
 
     # -- stage-2 switches -----------------------------------------------------------------------
@@ -343,7 +344,7 @@ class QLIP(nn.Module):
 
     def get_logit_scale(self) -> torch.Tensor:
         """() exp(min(log-scale, ln(max_logit_scale))): multiply cosine similarities by it."""
-        return self.logit_scale.clamp(max=math.log(self.config.max_logit_scale)).exp()
+        return self.logit_scale.clamp(max=math.log(self.config.max_logit_scale)).exp().squeeze(0)
 
     def forward(self, pixels: torch.Tensor, text_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None) -> QLIPOutput:

@@ -113,20 +113,27 @@ class WarmupCosine:
         return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices only: biases, norms and other 1-D tensors are left undecayed."""
-    decay, no_decay = [], []
-    for param in model.parameters():
-        if param.requires_grad:
-            (decay if param.ndim >= 2 else no_decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return groups
+def param_groups(model: torch.nn.Module, weight_decay: float, lr: float,
+                 lr_mults: dict[str, float] | None = None) -> list[dict]:
+    """Trainable parameters grouped by (lr multiplier, decay).
+
+    Matrices decay; biases, norms and other 1-D tensors do not. ``lr_mults`` maps parameter-name
+    prefixes to learning-rate multipliers (first match wins, default 1), e.g. a slower encoder.
+    """
+    lr_mults = lr_mults or {}
+    groups: dict[tuple[float, bool], list] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        mult = next((m for prefix, m in lr_mults.items() if name.startswith(prefix)), 1.0)
+        groups.setdefault((mult, param.ndim >= 2), []).append(param)
+    return [{"params": params, "weight_decay": weight_decay if decay else 0.0, "lr": lr * mult}
+            for (mult, decay), params in sorted(groups.items(), key=lambda kv: (-kv[0][0], not kv[0][1]))]
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig,
+                    lr_mults: dict[str, float] | None = None) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.lr, lr_mults), lr=cfg.lr,
                              betas=tuple(cfg.betas), eps=cfg.eps)
 
 
@@ -204,15 +211,16 @@ def resolve_ds_config(engine_cfg: EngineConfig, optim_cfg: OptimConfig) -> dict:
     return ds_config
 
 
-def build_engine(model: torch.nn.Module, optim_cfg: OptimConfig,
-                 engine_cfg: EngineConfig) -> deepspeed.DeepSpeedEngine:
+def build_engine(model: torch.nn.Module, optim_cfg: OptimConfig, engine_cfg: EngineConfig,
+                 lr_mults: dict[str, float] | None = None,
+                 ds_config: dict | None = None) -> deepspeed.DeepSpeedEngine:
     """Wrap ``model`` with AdamW + warm-up/cosine LambdaLR in a DeepSpeed engine.
 
     The process group must already exist (:func:`train.distributed.init_distributed`). Every rank
     must pass identically initialised weights (seed before building the model).
     """
-    ds_config = resolve_ds_config(engine_cfg, optim_cfg)
-    optimizer = build_optimizer(model, optim_cfg)
+    ds_config = ds_config or resolve_ds_config(engine_cfg, optim_cfg)
+    optimizer = build_optimizer(model, optim_cfg, lr_mults)
     scheduler = build_scheduler(optimizer, optim_cfg)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            lr_scheduler=scheduler, config=ds_config)

@@ -1,0 +1,277 @@
+"""Train the QLIP tokenizer, stage 1 or stage 2, under DeepSpeed (or one plain process).
+
+    OMP_NUM_THREADS=1 deepspeed --num_gpus 2 train/tokenizer.py --config configs/tokenizer/tiny_stage1.yaml
+    torchrun --nproc_per_node 2 train/tokenizer.py --config configs/tokenizer/tiny_stage2.yaml \\
+        init_from=runs/tokenizer/stage1/export
+
+Stage 1 trains everything with ``recon·MSE + align·CLIP + quantizer·BSQ`` (the CLIP loss over the
+global batch, duplicates of a caption counted as positives). ``balance.mode: auto`` first runs two
+short pilots (recon-only, align-only) and sets ``recon/align = L_align / L_mse`` from their final
+losses, as QLIP does (paper: αa = 1, αr = 10³); the pilots' result is saved in ``balance.json``.
+Stage 2 loads a stage-1 export, drops the text tower, freezes the encoder and fine-tunes the
+bottleneck MLPs and decoder with ``recon·MSE + quantizer·BSQ + perceptual + GAN`` (a patch
+discriminator trained alongside with an R1 penalty); its export re-attaches the unchanged stage-1
+text tower so one directory serves reconstruction and zero-shot.
+
+Outputs in ``out_dir``: ``config.yaml`` (resolved), ``train_log.jsonl``, ``checkpoints/`` (resume:
+model, optimizer, scheduler, data positions, RNG), ``export/`` (config.json + model.safetensors +
+text tokenizer: what everything else loads) and ``metrics.json`` (validation metrics).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Literal, Optional
+
+if __package__ in (None, ""):  # run as a script by a launcher: make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+import torch.distributed as tdist
+from tqdm import tqdm
+
+from mmcore.config import ConfigError, add_config_args, config_to_dict, load_config, save_config
+from mmcore.errors import UserError, cli_entry
+from mmcore.io import atomic_write_json
+from mmcore.text_tokenizer import TextTokenizer
+from tokenizer.export import load_tokenizer, save_tokenizer
+from tokenizer.losses import GANConfig, PerceptualConfig
+from tokenizer.qlip import PARTS, QLIP, preset_config
+from train import ds_engine
+from train.distributed import (add_launcher_args, all_reduce_mean, barrier, init_distributed,
+                               print_rank0, set_seed, shutdown_distributed)
+from train.tokenizer_data import TokenizerDataConfig, image_text_batches
+from train.tokenizer_steps import LossWeights, StageRunner
+from unified_mm.data.shards import SkipLog
+from unified_mm.tokenizer_eval import evaluate_tokenizer
+
+
+@dataclasses.dataclass
+class BalanceConfig:
+    mode: Literal["fixed", "auto"] = "fixed"
+    pilot_steps: int = 100  # steps of each pilot run (recon-only, align-only)
+    pilot_tail: int = 10  # final loss = mean over the pilot's last steps
+
+
+@dataclasses.dataclass
+class TokenizerTrainConfig:
+    stage: int = 1
+    preset: str = "tiny"
+    model: dict = dataclasses.field(default_factory=dict)  # overrides on the preset (stage 1)
+    init_from: Optional[str] = None  # stage 2: the stage-1 export directory
+    data: TokenizerDataConfig = dataclasses.field(default_factory=TokenizerDataConfig)
+    weights: LossWeights = dataclasses.field(default_factory=LossWeights)
+    balance: BalanceConfig = dataclasses.field(default_factory=BalanceConfig)
+    perceptual: PerceptualConfig = dataclasses.field(default_factory=PerceptualConfig)
+    gan: GANConfig = dataclasses.field(default_factory=GANConfig)
+    lr_mult: dict[str, float] = dataclasses.field(default_factory=dict)  # part name -> multiplier
+    optim: ds_engine.OptimConfig = dataclasses.field(default_factory=ds_engine.OptimConfig)
+    engine: ds_engine.EngineConfig = dataclasses.field(default_factory=ds_engine.EngineConfig)
+    steps: int = 1000
+    log_every: int = 10
+    save_every: int = 0  # 0: checkpoint only at the end
+    eval_images: int = 1000
+    seed: int = 0
+    out_dir: str = "runs/tokenizer"
+    resume: bool = True  # continue from out_dir/checkpoints when it holds one
+
+    def validate(self) -> None:
+        if self.stage not in (1, 2):
+            raise ConfigError(f"stage must be 1 or 2, got {self.stage}")
+        if self.stage == 2 and not self.init_from:
+            raise ConfigError("stage 2 needs init_from=<stage-1 export directory>")
+        if self.stage == 2 and self.balance.mode == "auto":
+            raise ConfigError("balance.mode=auto balances alignment vs reconstruction: stage 1 only")
+        unknown = sorted(set(self.lr_mult) - set(PARTS))
+        if unknown:
+            raise ConfigError(f"lr_mult has unknown parts {unknown}; parts: {', '.join(PARTS)}")
+        if self.steps < 1 or self.log_every < 1:
+            raise ConfigError("steps and log_every must be >= 1")
+
+
+# ---------------------------------------------------------------------------------------------
+# Model and engine
+# ---------------------------------------------------------------------------------------------
+
+def build_stage_model(cfg: TokenizerTrainConfig, text_tokenizer: TextTokenizer | None) -> tuple[QLIP, QLIP | None]:
+    """(model to train, stage-1 model whose text tower the export re-attaches or None)."""
+    if cfg.stage == 1:
+        config = preset_config(cfg.preset, cfg.model)
+        if config.text is not None and text_tokenizer is not None \
+                and config.text.vocab_size < text_tokenizer.vocab_size:
+            raise ConfigError(f"model.text.vocab_size={config.text.vocab_size} is smaller than the text "
+                              f"tokenizer's {text_tokenizer.vocab_size} ids ({text_tokenizer.model_path})")
+        return QLIP(config), None
+    stage1 = load_tokenizer(cfg.init_from).model
+    model = QLIP(dataclasses.replace(stage1.config))
+    model.load_state_dict(stage1.state_dict())
+    model.freeze_encoder().drop_text()
+    return model.train(), stage1
+
+
+def lr_prefixes(lr_mult: dict[str, float]) -> dict[str, float]:
+    return {prefix: mult for part, mult in lr_mult.items() for prefix in PARTS[part]}
+
+
+# ---------------------------------------------------------------------------------------------
+# One training run (also used for the balancing pilots)
+# ---------------------------------------------------------------------------------------------
+
+def train_run(cfg: TokenizerTrainConfig, weights: LossWeights, steps: int, out_dir: Path, *,
+              text_tokenizer: TextTokenizer | None, rank: int, export: bool, desc: str) -> dict:
+    """Train ``steps`` steps in ``out_dir`` (resuming there if possible); returns a summary."""
+    set_seed(cfg.seed)  # identical initial weights on every rank
+    model, stage1 = build_stage_model(cfg, text_tokenizer)
+    optim = dataclasses.replace(cfg.optim, total_steps=max(steps, cfg.optim.warmup_steps))
+    runner = StageRunner(cfg, model, weights, optim, lr_prefixes(cfg.lr_mult))
+    checkpoints = out_dir / "checkpoints"
+    step, positions = 0, None
+    if cfg.resume and (checkpoints / "latest").is_file():
+        state = runner.load(checkpoints)
+        step, positions = state["step"], state["positions"]
+        print_rank0(f"[{desc}] resumed from {checkpoints} at step {step}")
+    set_seed(cfg.seed, rank=rank)
+    skip_log = SkipLog()
+    config = model.config
+    context = config.text.context_length if config.text is not None else 0
+    batches = image_text_batches(cfg.data, text_tokenizer if cfg.stage == 1 else None,
+                                 cfg.engine.micro_batch_size, context, config.encoder.image_size,
+                                 seed=cfg.seed, rank=rank, start=positions[rank] if positions else 0,
+                                 skip_log=skip_log)
+    log_path = out_dir / "train_log.jsonl"
+    history: list[dict] = []
+    bar = tqdm(total=steps, initial=step, desc=desc, disable=rank != 0, unit="step", dynamic_ncols=True)
+    start_time, position = time.perf_counter(), positions[rank] if positions else 0
+    while step < steps:
+        micro = [next(batches) for _ in range(cfg.engine.grad_accum_steps)]
+        position = micro[-1].end_position
+        terms = runner.step(micro, step)
+        step += 1
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == steps:
+            record = {"step": step, **{k: all_reduce_mean(v) for k, v in sorted(terms.items())},
+                      "lr": ds_engine.current_lr(runner.engine),
+                      "elapsed_s": round(time.perf_counter() - start_time, 2)}
+            history.append(record)
+            if rank == 0:
+                bar.set_postfix(loss=f"{record['total']:.3f}", psnr=f"{record.get('psnr_db', 0):.1f}")
+                with open(log_path, "a", encoding="utf-8") as handle:
+                    handle.write(json.dumps(record) + "\n")
+        if cfg.save_every and step % cfg.save_every == 0 and step < steps:
+            runner.save(checkpoints, step, gather_positions(position))
+    bar.close()
+    runner.save(checkpoints, step, gather_positions(position))
+    state_dict = ds_engine.full_state_dict(runner.engine)  # collective
+    summary = {"steps": step, "history": history, "skipped": skip_log.summary()}
+    if export and rank == 0:
+        summary["export"] = str(export_model(cfg, model, stage1, state_dict, out_dir, weights))
+    del runner
+    return summary
+
+
+def gather_positions(position: int) -> list[int]:
+    """Every rank's stream position (checkpoints are written by rank 0 only)."""
+    if not (tdist.is_available() and tdist.is_initialized()):
+        return [position]
+    positions: list = [None] * tdist.get_world_size()
+    tdist.all_gather_object(positions, position)
+    return positions
+
+
+def export_model(cfg: TokenizerTrainConfig, model: QLIP, stage1: QLIP | None, state_dict: dict,
+                 out_dir: Path, weights: LossWeights) -> Path:
+    """Write ``out_dir/export``; stage 2 re-attaches the (unchanged) stage-1 text tower."""
+    metadata = {"stage": cfg.stage, "steps": cfg.steps, "preset": cfg.preset,
+                "loss_weights": config_to_dict(weights)}
+    text_path = Path(cfg.init_from) / "text_tokenizer.model" if cfg.stage == 2 else Path(cfg.data.text_tokenizer)
+    if stage1 is not None and stage1.text is not None:
+        full = QLIP(stage1.config)
+        merged = {**stage1.state_dict(), **state_dict}  # trained weights over the stage-1 ones
+        return save_tokenizer(full, out_dir / "export", state_dict=merged, text_tokenizer_path=text_path,
+                              metadata=metadata)
+    return save_tokenizer(model, out_dir / "export", state_dict=state_dict,
+                          text_tokenizer_path=text_path if model.text is not None else None, metadata=metadata)
+
+
+# ---------------------------------------------------------------------------------------------
+# Balancing pilots
+# ---------------------------------------------------------------------------------------------
+
+def auto_balance(cfg: TokenizerTrainConfig, out_dir: Path, text_tokenizer, rank: int) -> LossWeights:
+    """QLIP's balancing: αr / αa = L_align(∞) / L_mse(∞) from recon-only and align-only pilots."""
+    path = out_dir / "balance.json"
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        print_rank0(f"balance: reusing {path}: recon {saved['recon']:.4g}, align {saved['align']:.4g}")
+        return dataclasses.replace(cfg.weights, recon=saved["recon"], align=saved["align"])
+    finals = {}
+    for name, pilot_weights, key in (("recon-only", dataclasses.replace(cfg.weights, align=0.0), "recon"),
+                                     ("align-only", dataclasses.replace(cfg.weights, recon=0.0), "align")):
+        summary = train_run(cfg, pilot_weights, cfg.balance.pilot_steps, out_dir / f"pilot_{key}",
+                            text_tokenizer=text_tokenizer, rank=rank, export=False, desc=f"pilot {name}")
+        tail = [r[key] for r in summary["history"]][-max(1, cfg.balance.pilot_tail // cfg.log_every):]
+        finals[key] = sum(tail) / len(tail)
+    align = cfg.weights.align
+    recon = align * finals["align"] / max(finals["recon"], 1e-12)
+    result = {"recon": recon, "align": align, "pilot_final_mse": finals["recon"],
+              "pilot_final_align": finals["align"], "pilot_steps": cfg.balance.pilot_steps}
+    if rank == 0:
+        atomic_write_json(path, result)
+    print_rank0(f"balance: L_align={finals['align']:.4f}, L_mse={finals['recon']:.5f} -> "
+                f"recon weight {recon:.4g} (align {align:.4g})")
+    return dataclasses.replace(cfg.weights, recon=recon, align=align)
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------
+
+def run(cfg: TokenizerTrainConfig) -> int:
+    dist = init_distributed()
+    out_dir = Path(cfg.out_dir)
+    if dist.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.yaml")
+    barrier()
+    text_tokenizer = TextTokenizer(cfg.data.text_tokenizer) if cfg.stage == 1 else None
+    weights = cfg.weights
+    if cfg.balance.mode == "auto":
+        weights = auto_balance(cfg, out_dir, text_tokenizer, dist.rank)
+    summary = train_run(cfg, weights, cfg.steps, out_dir, text_tokenizer=text_tokenizer, rank=dist.rank,
+                        export=True, desc=f"tokenizer stage {cfg.stage}")
+    if dist.is_main:
+        loaded = load_tokenizer(summary["export"])
+        metrics = evaluate_tokenizer(loaded.model, loaded.text_tokenizer, cfg.data.data, cfg.data.val_split,
+                                     max_images=cfg.eval_images)
+        result = {"metrics": metrics, "tokenizer_hash": loaded.hash, "loss_weights": config_to_dict(weights),
+                  "steps": summary["steps"], "skipped_samples": summary["skipped"],
+                  "final_train": summary["history"][-1] if summary["history"] else {}}
+        atomic_write_json(out_dir / "metrics.json", result)
+        print_rank0("metrics: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                            for k, v in metrics.items()))
+        print_rank0(f"export: {summary['export']}  (hash {loaded.hash})")
+    barrier()
+    shutdown_distributed()
+    return 0
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(parser, default="configs/tokenizer/tiny_stage1.yaml")
+    add_launcher_args(parser)
+    args = parser.parse_args(argv)
+    cfg = load_config(TokenizerTrainConfig, args.config, args.overrides)
+    if cfg.stage == 1 and not Path(cfg.data.text_tokenizer).is_file():
+        raise UserError(f"data.text_tokenizer={cfg.data.text_tokenizer} not found "
+                        "(train one with python -m train.text_tokenizer)")
+    ds_engine.load_ds_json(cfg.engine.deepspeed_config)  # fail before the processes connect
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

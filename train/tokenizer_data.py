@@ -1,0 +1,125 @@
+"""Image–text batches for QLIP tokenizer training, streamed from webdataset shards.
+
+Each rank reads its own part of the shards (:class:`unified_mm.data.shards.ShardDataset`), picks
+one caption per image, tokenizes it as ``<bos> text <eos>`` (right-padded, pooled at ``<eos>``)
+and attaches a *positive label*: two samples with equal labels describe each other, so the CLIP
+loss treats them as positives rather than negatives (a batch of ShapesWorld images holds many
+"a red circle"s). The stream is deterministic in (seed, rank, position): resuming at a saved
+position replays exactly the batches an uninterrupted run would have seen.
+"""
+from __future__ import annotations
+
+import dataclasses
+import random
+from itertools import islice
+from typing import Iterator, NamedTuple
+
+import torch
+
+from mmcore.config import ConfigError
+from mmcore.text_tokenizer import TextTokenizer
+from unified_mm.data.pixels import image_to_pixels
+from unified_mm.data.shards import Sample, ShardDataset, SkipLog, resolve_shards
+
+
+@dataclasses.dataclass
+class TokenizerDataConfig:
+    data: str = "data/shapesworld"  # dataset directory or shard pattern
+    split: str = "train"
+    val_split: str = "val"
+    text_tokenizer: str = "runs/text_tokenizer.model"  # sentencepiece model (stage 1)
+    shuffle_buffer: int = 2000
+    # probability of using captions[i] (ShapesWorld: short, long with size+position, sentence)
+    caption_weights: list[float] = dataclasses.field(default_factory=lambda: [0.5, 0.5, 0.0])
+
+    def validate(self) -> None:
+        if not self.caption_weights or min(self.caption_weights) < 0 or sum(self.caption_weights) <= 0:
+            raise ConfigError(f"data.caption_weights must be non-negative with a positive sum, "
+                              f"got {self.caption_weights}")
+
+
+class ImageTextBatch(NamedTuple):
+    pixels: torch.Tensor  # (B, 3, H, W) float32 in [-1, 1]
+    text_ids: torch.Tensor  # (B, T) int64, right-padded
+    attention_mask: torch.Tensor  # (B, T) int64, 1 on real tokens
+    labels: list[str]  # positive label per sample (equal labels = mutual positives)
+    keys: list[str]
+    end_position: int  # samples of this rank's stream consumed once this batch is done (resume point)
+
+
+def caption_label(meta: dict, index: int, caption: str) -> str:
+    """What a caption asserts, canonicalised, so equal labels mean "describes the same scene".
+
+    ShapesWorld captions: index 0 names colour+shape of each object; 1 and 2 also size and
+    position. Object order in the text does not matter, so the label is the sorted attribute list.
+    Other datasets fall back to the caption text itself.
+    """
+    objects = meta.get("objects")
+    if not isinstance(objects, list) or not all(isinstance(o, dict) for o in objects):
+        return caption
+    fields = ("colour", "shape") if index == 0 else ("size", "colour", "shape", "position")
+    try:
+        described = sorted(" ".join(str(o[f]) for f in fields) for o in objects)
+    except KeyError:
+        return caption
+    return f"{index == 0}|" + ";".join(described)
+
+
+def pick_caption(meta: dict, weights: list[float], rng: random.Random) -> tuple[int, str] | None:
+    captions = meta.get("captions")
+    if not captions and isinstance(meta.get("caption"), str):
+        captions = [meta["caption"]]
+    if not captions:
+        return None
+    usable = [(i, w) for i, w in enumerate(weights[: len(captions)]) if w > 0 and captions[i]]
+    if not usable:
+        usable = [(0, 1.0)]
+    index = rng.choices([i for i, _ in usable], [w for _, w in usable])[0]
+    return index, captions[index]
+
+
+def tokenize_caption(text_tokenizer: TextTokenizer, caption: str, context_length: int) -> list[int]:
+    body = text_tokenizer.encode(caption)[: context_length - 2]
+    return [text_tokenizer.bos_id, *body, text_tokenizer.eos_id]
+
+
+def collate(samples: list[tuple[Sample, list[int], str]], pad_id: int, end_position: int) -> ImageTextBatch:
+    length = max(len(ids) for _, ids, _ in samples)
+    text_ids = torch.full((len(samples), length), pad_id, dtype=torch.int64)
+    mask = torch.zeros((len(samples), length), dtype=torch.int64)
+    for row, (_, ids, _) in enumerate(samples):
+        text_ids[row, : len(ids)] = torch.tensor(ids)
+        mask[row, : len(ids)] = 1
+    pixels = torch.stack([image_to_pixels(sample.image) for sample, _, _ in samples])
+    return ImageTextBatch(pixels, text_ids, mask, [label for _, _, label in samples],
+                          [sample.key for sample, _, _ in samples], end_position)
+
+
+def image_text_batches(cfg: TokenizerDataConfig, text_tokenizer: TextTokenizer | None, batch_size: int,
+                       context_length: int, image_size: int, *, seed: int, rank: int, start: int = 0,
+                       skip_log: SkipLog | None = None) -> Iterator[ImageTextBatch]:
+    """Endless batches for this rank, starting after ``start`` samples of its stream.
+
+    Without a text tokenizer (stage 2) batches carry empty text. Samples without any caption are
+    skipped and counted (stage 1 needs one per image).
+    """
+    skip_log = skip_log or SkipLog()
+    dataset = ShardDataset(resolve_shards(cfg.data, cfg.split), shuffle_buffer=cfg.shuffle_buffer,
+                           seed=seed, repeat=True, image_size=image_size, skip_log=skip_log)
+    pad_id = text_tokenizer.pad_id if text_tokenizer is not None else 0
+    buffer = []
+    for position, sample in enumerate(islice(dataset, start, None), start=start):
+        rng = random.Random(f"caption/{seed}/{rank}/{position}")
+        ids, label = [], sample.key
+        if text_tokenizer is not None:
+            picked = pick_caption(sample.meta, cfg.caption_weights, rng)
+            if picked is None:
+                skip_log.skip(sample.shard, sample.key, "no caption: stage 1 needs one per image")
+                continue
+            index, caption = picked
+            ids = tokenize_caption(text_tokenizer, caption, context_length)
+            label = caption_label(sample.meta, index, caption)
+        buffer.append((sample, ids, label))
+        if len(buffer) == batch_size:
+            yield collate(buffer, pad_id, position + 1)
+            buffer = []

@@ -1,0 +1,132 @@
+"""The tokenizer's optimisation step for both stages: engines, loss terms, checkpoints.
+
+:class:`StageRunner` owns the DeepSpeed engine of the tokenizer and, in stage 2 with a GAN, a
+second engine for the discriminator. ``step()`` runs one optimizer step over the accumulation
+micro-batches and returns this rank's loss terms as floats (the caller averages across ranks).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from mmcore.config import ConfigError
+from tokenizer.losses import (PatchDiscriminator, build_perceptual_loss, clip_loss, discriminator_loss,
+                              generator_loss, mse_loss, positives_from_labels, psnr, r1_penalty)
+from tokenizer.qlip import QLIP
+from train import ds_engine
+from train.tokenizer_data import ImageTextBatch
+
+
+@dataclasses.dataclass
+class LossWeights:
+    """Weights of the stage-1/2 terms (QLIP: αr, αa, αq). MSE is on [-1, 1] pixels."""
+
+    recon: float = 100.0
+    align: float = 1.0
+    quantizer: float = 1.0
+
+    def validate(self) -> None:
+        if min(self.recon, self.align, self.quantizer) < 0:
+            raise ConfigError(f"weights must be >= 0, got {self}")
+
+
+class StageRunner:
+    """Engines and loss computation for one run of stage 1 or stage 2."""
+
+    def __init__(self, cfg, model: QLIP, weights: LossWeights, optim: ds_engine.OptimConfig,
+                 lr_mults: dict[str, float]):
+        self.cfg, self.weights, self.stage = cfg, weights, cfg.stage
+        self.use_text = self.stage == 1 and weights.align > 0 and model.text is not None
+        self.perceptual = None
+        if self.stage == 2 and cfg.perceptual.weight > 0:
+            # the encoder is frozen in stage 2: a private copy keeps it out of ZeRO's partitioning
+            self.perceptual = build_perceptual_loss(cfg.perceptual, copy.deepcopy(model.encoder))
+        self.engine = ds_engine.build_engine(model, optim, cfg.engine, lr_mults)
+        self.disc_engine = None
+        if self.stage == 2 and cfg.gan.gan_weight > 0:
+            torch.manual_seed(cfg.seed + 1)  # same discriminator init on every rank
+            disc = PatchDiscriminator.from_config(cfg.gan)
+            disc_optim = dataclasses.replace(optim, lr=optim.lr * cfg.gan.disc_lr_mult)
+            ds_config = ds_engine.resolve_ds_config(cfg.engine, disc_optim)
+            # the generator step calls D with detached weights: D must not be ZeRO-3 partitioned
+            zero = ds_config.setdefault("zero_optimization", {})
+            zero["stage"] = min(int(zero.get("stage", 0)), 2)
+            self.disc_engine = ds_engine.build_engine(disc, disc_optim, cfg.engine, ds_config=ds_config)
+
+    @property
+    def model(self) -> QLIP:
+        return self.engine.module
+
+    # -- losses ---------------------------------------------------------------------------------
+    def _generator_terms(self, batch: ImageTextBatch, step: int) -> tuple[torch.Tensor, dict]:
+        pixels = batch.pixels.to(self.engine.device)
+        text_ids = mask = None
+        if self.use_text:
+            text_ids = batch.text_ids.to(pixels.device)
+            mask = batch.attention_mask.to(pixels.device)
+        out = self.engine(pixels, text_ids, mask)
+        recon = mse_loss(out.reconstruction, pixels)
+        w = self.weights
+        total = w.recon * recon + w.quantizer * out.bsq.loss
+        terms = {"recon": recon, "quantizer": out.bsq.loss, "psnr_db": psnr(out.reconstruction.detach(), pixels),
+                 "code_entropy_bits": out.bsq.used_entropy_bits,
+                 "codebook_entropy": out.bsq.codebook_entropy, "per_sample_entropy": out.bsq.per_sample_entropy}
+        if self.use_text:
+            positives = positives_from_labels(batch.labels, device=pixels.device)
+            clip = clip_loss(out.image_embeds, out.text_embeds, self.model.logit_scale, positives,
+                             max_logit_scale=self.model.config.max_logit_scale, rescale_local_grad=True)
+            total = total + w.align * clip.loss
+            terms.update(align=clip.loss, i2t_acc=clip.image_to_text_acc, t2i_acc=clip.text_to_image_acc)
+        if self.perceptual is not None:
+            perceptual = self.perceptual(out.reconstruction, pixels)
+            total = total + self.cfg.perceptual.weight * perceptual
+            terms["perceptual"] = perceptual
+        if self.disc_engine is not None and step >= self.cfg.gan.start_step:
+            disc = self.disc_engine.module
+            frozen = {name: p.detach() for name, p in disc.named_parameters()}
+            fake_logits = torch.func.functional_call(disc, frozen, (out.reconstruction,))
+            gan = generator_loss(fake_logits)
+            total = total + self.cfg.gan.gan_weight * gan
+            terms["gan_g"] = gan
+        terms["total"] = total
+        return total, {**terms, "_fake": out.reconstruction.detach(), "_real": pixels}
+
+    def _discriminator_step(self, real: torch.Tensor, fake: torch.Tensor) -> dict:
+        real = real.detach().requires_grad_(True)
+        real_logits = self.disc_engine(real)
+        fake_logits = self.disc_engine(fake)
+        d_loss = discriminator_loss(real_logits, fake_logits)
+        r1 = r1_penalty(real, real_logits)
+        self.disc_engine.backward(d_loss + self.cfg.gan.r1_weight * r1)
+        self.disc_engine.step()
+        return {"gan_d": d_loss.detach(), "r1": r1.detach()}
+
+    def step(self, micro_batches: list[ImageTextBatch], step: int) -> dict[str, float]:
+        """One optimizer step (generator, then discriminator when active); returns mean terms."""
+        sums: dict[str, float] = {}
+        for batch in micro_batches:
+            total, terms = self._generator_terms(batch, step)
+            self.engine.backward(total)
+            self.engine.step()
+            real, fake = terms.pop("_real"), terms.pop("_fake")
+            if self.disc_engine is not None and step >= self.cfg.gan.start_step:
+                terms.update(self._discriminator_step(real, fake))
+            for key, value in terms.items():
+                sums[key] = sums.get(key, 0.0) + float(value.detach())
+        return {key: value / len(micro_batches) for key, value in sums.items()}
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def save(self, checkpoint_dir: Path, step: int, positions: list[int]) -> None:
+        state = {"positions": positions, "weights": dataclasses.asdict(self.weights)}
+        ds_engine.save_checkpoint(self.engine, checkpoint_dir, step, state)
+        if self.disc_engine is not None:
+            ds_engine.save_checkpoint(self.disc_engine, checkpoint_dir / "discriminator", step, state)
+
+    def load(self, checkpoint_dir: Path) -> dict:
+        state = ds_engine.load_checkpoint(self.engine, checkpoint_dir)
+        if self.disc_engine is not None:
+            ds_engine.load_checkpoint(self.disc_engine, checkpoint_dir / "discriminator", restore_rng=False)
+        return state
