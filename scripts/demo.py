@@ -3,8 +3,9 @@
 Each step is one of the project's own CLIs run as a subprocess, exactly as a user would type it,
 so the demo exercises the real entry points (and their launchers) rather than a private path.
 Steps so far: data generation -> text tokenizer -> 2-process DeepSpeed ZeRO run of a tiny Llama
-(save, reload, consolidate). Later stages (QLIP tokenizer, unified model, evaluation, samples,
-report) are appended to STEPS as they land.
+(save, reload, consolidate) -> QLIP tokenizer stage 1 and stage 2 (2 processes each, with
+validation metrics). Later stages (unified model, evaluation, samples, report) are appended to
+STEPS as they land.
 
     python scripts/demo.py [--out runs/demo] [--only data,text_tokenizer]
 """
@@ -48,7 +49,7 @@ def data_report(out: Path) -> str:
                                                          for name, info in splits.items()))
 
 
-def tokenizer_report(out: Path) -> str:
+def text_tokenizer_report(out: Path) -> str:
     info = read_json(out / "text_tokenizer.json")
     return (f"{info['n_text']} pieces + {len(info['specials'])} specials, "
             f"{info['mean_tokens_per_text']} tokens/text")
@@ -61,6 +62,23 @@ def smoke_report(out: Path) -> str:
             f"resume/consolidation checks {'passed' if summary['all_passed'] else 'FAILED'}")
 
 
+def tokenizer_report(stage: int) -> Callable[[Path], str]:
+    def report(out: Path) -> str:
+        result = read_json(out / f"tokenizer_stage{stage}" / "metrics.json")
+        m = result["metrics"]
+        parts = [f"PSNR {m['psnr_db']:.1f} dB", f"judge on recon {m['judge_recon_acc']:.1%}",
+                 f"codes {m['code_entropy_bits']:.1f}/{m['code_entropy_bits'] / m['code_entropy_fraction']:.0f} bits"]
+        if "zero_shot_acc" in m:
+            parts.insert(0, f"zero-shot colour+shape {m['zero_shot_acc']:.1%} ({m['zero_shot_images']} imgs)")
+        return ", ".join(parts)
+    return report
+
+
+def torchrun(script: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+            "--master_port", str(free_port()), script, *args]
+
+
 STEPS = [
     Step("data", "generate ShapesWorld shards (train/val/test)",
          lambda out: [sys.executable, "-m", "unified_mm.data.shapesworld_cli",
@@ -69,12 +87,21 @@ STEPS = [
     Step("text_tokenizer", "train the sentencepiece text tokenizer on the training text",
          lambda out: [sys.executable, "-m", "train.text_tokenizer", "--config", "configs/text_tokenizer.yaml",
                       f"data={out / 'data'}", f"out={out / 'text_tokenizer.model'}"],
-         tokenizer_report),
+         text_tokenizer_report),
     Step("ds_smoke", "tiny Llama under DeepSpeed ZeRO-2, 2 CPU processes: train, checkpoint, reload, consolidate",
-         lambda out: [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                      "--master_port", str(free_port()), "train/lm_smoke.py",
-                      "--config", "configs/smoke/lm_smoke.yaml", f"out_dir={out / 'ds_smoke'}"],
+         lambda out: torchrun("train/lm_smoke.py", "--config", "configs/smoke/lm_smoke.yaml",
+                              f"out_dir={out / 'ds_smoke'}"),
          smoke_report),
+    Step("tokenizer_stage1", "QLIP tokenizer stage 1 (MSE + CLIP + BSQ), DeepSpeed ZeRO-2 on 2 CPU processes",
+         lambda out: torchrun("train/tokenizer.py", "--config", "configs/tokenizer/tiny_stage1.yaml",
+                              f"data.data={out / 'data'}", f"data.text_tokenizer={out / 'text_tokenizer.model'}",
+                              f"out_dir={out / 'tokenizer_stage1'}", "resume=false"),
+         tokenizer_report(1)),
+    Step("tokenizer_stage2", "QLIP tokenizer stage 2 (encoder frozen; MSE + BSQ + perceptual + GAN)",
+         lambda out: torchrun("train/tokenizer.py", "--config", "configs/tokenizer/tiny_stage2.yaml",
+                              f"data.data={out / 'data'}", f"init_from={out / 'tokenizer_stage1' / 'export'}",
+                              f"out_dir={out / 'tokenizer_stage2'}", "resume=false"),
+         tokenizer_report(2)),
 ]
 
 

@@ -78,6 +78,7 @@ class TokenizerTrainConfig:
     seed: int = 0
     out_dir: str = "runs/tokenizer"
     resume: bool = True  # continue from out_dir/checkpoints when it holds one
+    stop_at: int = 0  # > 0: checkpoint and exit after this step (a planned interruption); rerun to resume
 
     def validate(self) -> None:
         if self.stage not in (1, 2):
@@ -91,6 +92,8 @@ class TokenizerTrainConfig:
             raise ConfigError(f"lr_mult has unknown parts {unknown}; parts: {', '.join(PARTS)}")
         if self.steps < 1 or self.log_every < 1:
             raise ConfigError("steps and log_every must be >= 1")
+        if not 0 <= self.stop_at <= self.steps:
+            raise ConfigError(f"stop_at must be in [0, steps={self.steps}], got {self.stop_at}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,6 +130,7 @@ def train_run(cfg: TokenizerTrainConfig, weights: LossWeights, steps: int, out_d
     set_seed(cfg.seed)  # identical initial weights on every rank
     model, stage1 = build_stage_model(cfg, text_tokenizer)
     optim = dataclasses.replace(cfg.optim, total_steps=max(steps, cfg.optim.warmup_steps))
+    stop = cfg.stop_at if export and cfg.stop_at else steps
     runner = StageRunner(cfg, model, weights, optim, lr_prefixes(cfg.lr_mult))
     checkpoints = out_dir / "checkpoints"
     step, positions = 0, None
@@ -146,7 +150,7 @@ def train_run(cfg: TokenizerTrainConfig, weights: LossWeights, steps: int, out_d
     history: list[dict] = []
     bar = tqdm(total=steps, initial=step, desc=desc, disable=rank != 0, unit="step", dynamic_ncols=True)
     start_time, position = time.perf_counter(), positions[rank] if positions else 0
-    while step < steps:
+    while step < stop:
         micro = [next(batches) for _ in range(cfg.engine.grad_accum_steps)]
         position = micro[-1].end_position
         terms = runner.step(micro, step)
@@ -165,8 +169,11 @@ def train_run(cfg: TokenizerTrainConfig, weights: LossWeights, steps: int, out_d
             runner.save(checkpoints, step, gather_positions(position))
     bar.close()
     runner.save(checkpoints, step, gather_positions(position))
-    state_dict = ds_engine.full_state_dict(runner.engine)  # collective
     summary = {"steps": step, "history": history, "skipped": skip_log.summary()}
+    if step < steps:
+        print_rank0(f"[{desc}] stopped at step {step} (stop_at); rerun the same command to resume")
+        return summary
+    state_dict = ds_engine.full_state_dict(runner.engine)  # collective
     if export and rank == 0:
         summary["export"] = str(export_model(cfg, model, stage1, state_dict, out_dir, weights))
     del runner
@@ -243,7 +250,7 @@ def run(cfg: TokenizerTrainConfig) -> int:
         weights = auto_balance(cfg, out_dir, text_tokenizer, dist.rank)
     summary = train_run(cfg, weights, cfg.steps, out_dir, text_tokenizer=text_tokenizer, rank=dist.rank,
                         export=True, desc=f"tokenizer stage {cfg.stage}")
-    if dist.is_main:
+    if dist.is_main and "export" in summary:
         loaded = load_tokenizer(summary["export"])
         metrics = evaluate_tokenizer(loaded.model, loaded.text_tokenizer, cfg.data.data, cfg.data.val_split,
                                      max_images=cfg.eval_images)

@@ -39,6 +39,7 @@ class Sample(NamedTuple):
     shard: str
     image: Image.Image  # RGB
     meta: dict
+    extras: dict  # any other parts of the sample, undecoded bytes by extension (e.g. "codes.npy")
 
 
 class SkipLog:
@@ -136,7 +137,8 @@ def decode_sample(raw: dict, skip_log: SkipLog, image_size: int | None = None) -
     if not isinstance(meta, dict):
         skip_log.skip(shard, key, f"bad json: top level is {type(meta).__name__}, expected an object")
         return None
-    return Sample(key=key, shard=shard, image=image, meta=meta)
+    extras = {k: v for k, v in raw.items() if not k.startswith("__") and k not in (image_ext, "json")}
+    return Sample(key=key, shard=shard, image=image, meta=meta, extras=extras)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,99 @@
+"""Tokenizer training end to end on a tiny model (one DeepSpeed process per run, as a subprocess):
+resume == continuous, stage 2 leaves the encoder bit-identical, auto balancing, export loading."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tokenizer.export import load_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+TINY_MODEL = [
+    "model.encoder.width=32", "model.encoder.depth=1", "model.encoder.heads=2",
+    "model.decoder.width=32", "model.decoder.depth=1", "model.decoder.heads=2",
+    "model.text.width=32", "model.text.depth=1", "model.text.heads=2", "model.embed_dim=32",
+]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """A tiny ShapesWorld dataset and text tokenizer, made with the project's own CLIs."""
+    root = tmp_path_factory.mktemp("tokdata")
+    subprocess.run([sys.executable, "-m", "unified_mm.data.shapesworld_cli", "--config",
+                    "configs/data/shapesworld_tiny.yaml", "--out", str(root / "data"), "--quiet"],
+                   cwd=ROOT, check=True)
+    subprocess.run([sys.executable, "-m", "train.text_tokenizer", f"data={root / 'data'}",
+                    f"out={root / 'text.model'}", "vocab_size=300"], cwd=ROOT, check=True, capture_output=True)
+    return root
+
+
+def train(dataset, out_dir, *extra, config="configs/tokenizer/tiny_stage1.yaml"):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(out_dir.parent)}
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    command = [sys.executable, "train/tokenizer.py", "--config", config, f"out_dir={out_dir}",
+               f"data.data={dataset / 'data'}", f"data.text_tokenizer={dataset / 'text.model'}",
+               "engine.micro_batch_size=8", "log_every=1", "eval_images=20", "optim.warmup_steps=1",
+               *TINY_MODEL, *extra]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result
+
+
+def losses(out_dir):
+    lines = (Path(out_dir) / "train_log.jsonl").read_text().splitlines()
+    return {r["step"]: (r["total"], r["recon"], r.get("align")) for r in map(json.loads, lines)}
+
+
+def test_resume_continues_the_same_loss_sequence(dataset, tmp_path):
+    train(dataset, tmp_path / "continuous", "steps=6", "save_every=3")
+    train(dataset, tmp_path / "interrupted", "steps=6", "save_every=3", "stop_at=3")
+    assert not (tmp_path / "interrupted" / "export").exists()  # stopped before the end
+    train(dataset, tmp_path / "interrupted", "steps=6", "save_every=3")
+    continuous, resumed = losses(tmp_path / "continuous"), losses(tmp_path / "interrupted")
+    assert sorted(resumed) == list(range(1, 7))
+    for step in range(1, 7):
+        assert resumed[step] == continuous[step], f"step {step}: {resumed[step]} != {continuous[step]}"
+    assert continuous[6][0] < continuous[1][0]
+
+
+def test_stage2_freezes_encoder_and_keeps_text_tower(dataset, tmp_path):
+    stage1 = tmp_path / "stage1"
+    train(dataset, stage1, "steps=3")
+    train(dataset, tmp_path / "stage2", "steps=3", f"init_from={stage1 / 'export'}",
+          "gan.disc_width=8", "gan.disc_layers=1", config="configs/tokenizer/tiny_stage2.yaml")
+    before = load_file(stage1 / "export" / "model.safetensors")
+    after = load_file(tmp_path / "stage2" / "export" / "model.safetensors")
+    assert before.keys() == after.keys()
+    frozen = [k for k in before if k.startswith(("encoder.", "image_head.", "text.", "logit_scale"))]
+    tuned = [k for k in before if k.startswith(("decoder.", "bottleneck."))]
+    assert frozen and tuned
+    for key in frozen:
+        assert torch.equal(before[key], after[key]), key
+    assert any(not torch.equal(before[k], after[k]) for k in tuned)
+    log = losses(tmp_path / "stage2")
+    assert len(log) == 3
+    metrics = json.loads((tmp_path / "stage2" / "metrics.json").read_text())["metrics"]
+    assert "zero_shot_acc" in metrics and "psnr_db" in metrics  # the re-attached text tower works
+    loaded = load_tokenizer(tmp_path / "stage2" / "export")
+    assert loaded.model.text is not None and loaded.metadata["stage"] == 2
+
+
+def test_auto_balance_uses_pilot_losses(dataset, tmp_path):
+    out = tmp_path / "auto"
+    train(dataset, out, "steps=2", "balance.mode=auto", "balance.pilot_steps=3", "balance.pilot_tail=1")
+    balance = json.loads((out / "balance.json").read_text())
+    pilot_recon = [json.loads(l) for l in (out / "pilot_recon" / "train_log.jsonl").read_text().splitlines()]
+    pilot_align = [json.loads(l) for l in (out / "pilot_align" / "train_log.jsonl").read_text().splitlines()]
+    assert balance["pilot_final_mse"] == pytest.approx(pilot_recon[-1]["recon"])
+    assert balance["pilot_final_align"] == pytest.approx(pilot_align[-1]["align"])
+    assert balance["recon"] == pytest.approx(balance["align"] * balance["pilot_final_align"] / balance["pilot_final_mse"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["loss_weights"]["recon"] == pytest.approx(balance["recon"])
