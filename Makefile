@@ -32,6 +32,7 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/bench_data.py
+	$(PY) bench/bench_tokenizer.py
 
 clean:
 	rm -rf runs .pytest_cache .cache

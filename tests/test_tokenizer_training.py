@@ -61,7 +61,6 @@ def test_resume_continues_the_same_loss_sequence(dataset, tmp_path):
     assert sorted(resumed) == list(range(1, 7))
     for step in range(1, 7):
         assert resumed[step] == continuous[step], f"step {step}: {resumed[step]} != {continuous[step]}"
-    assert continuous[6][0] < continuous[1][0]
 
 
 def test_stage2_freezes_encoder_and_keeps_text_tower(dataset, tmp_path):

@@ -133,6 +133,7 @@ def train_run(cfg: TokenizerTrainConfig, weights: LossWeights, steps: int, out_d
     stop = cfg.stop_at if export and cfg.stop_at else steps
     runner = StageRunner(cfg, model, weights, optim, lr_prefixes(cfg.lr_mult))
     checkpoints = out_dir / "checkpoints"
+    out_dir.mkdir(parents=True, exist_ok=True)
     step, positions = 0, None
     if cfg.resume and (checkpoints / "latest").is_file():
         state = runner.load(checkpoints)

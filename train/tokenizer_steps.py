@@ -1,8 +1,13 @@
 """The tokenizer's optimisation step for both stages: engines, loss terms, checkpoints.
 
-:class:`StageRunner` owns the DeepSpeed engine of the tokenizer and, in stage 2 with a GAN, a
-second engine for the discriminator. ``step()`` runs one optimizer step over the accumulation
-micro-batches and returns this rank's loss terms as floats (the caller averages across ranks).
+:class:`StageRunner` owns the DeepSpeed engine of the tokenizer and, in stage 2 with a GAN, the
+patch discriminator. ``step()`` runs one optimizer step over the accumulation micro-batches and
+returns this rank's loss terms as floats (the caller averages across ranks).
+
+The discriminator is deliberately *not* a DeepSpeed engine: its R1 penalty needs
+``torch.autograd.grad`` through it, which fires DeepSpeed's post-backward hooks as if a backward
+pass had run (ZeRO-2 then fails reducing an empty bucket). It is small, so plain AdamW with a
+gradient all-reduce is enough, and its state goes into our own checkpoint file.
 """
 from __future__ import annotations
 
@@ -11,13 +16,19 @@ import dataclasses
 from pathlib import Path
 
 import torch
+import torch.distributed as tdist
 
 from mmcore.config import ConfigError
+from mmcore.errors import UserError
+from mmcore.io import atomic_output_path
 from tokenizer.losses import (PatchDiscriminator, build_perceptual_loss, clip_loss, discriminator_loss,
                               generator_loss, mse_loss, positives_from_labels, psnr, r1_penalty)
 from tokenizer.qlip import QLIP
 from train import ds_engine
+from train.distributed import barrier, get_rank
 from train.tokenizer_data import ImageTextBatch
+
+DISC_FILE = "discriminator.pt"
 
 
 @dataclasses.dataclass
@@ -45,16 +56,12 @@ class StageRunner:
             # the encoder is frozen in stage 2: a private copy keeps it out of ZeRO's partitioning
             self.perceptual = build_perceptual_loss(cfg.perceptual, copy.deepcopy(model.encoder))
         self.engine = ds_engine.build_engine(model, optim, cfg.engine, lr_mults)
-        self.disc_engine = None
+        self.disc = self.disc_optimizer = None
         if self.stage == 2 and cfg.gan.gan_weight > 0:
             torch.manual_seed(cfg.seed + 1)  # same discriminator init on every rank
-            disc = PatchDiscriminator.from_config(cfg.gan)
-            disc_optim = dataclasses.replace(optim, lr=optim.lr * cfg.gan.disc_lr_mult)
-            ds_config = ds_engine.resolve_ds_config(cfg.engine, disc_optim)
-            # the generator step calls D with detached weights: D must not be ZeRO-3 partitioned
-            zero = ds_config.setdefault("zero_optimization", {})
-            zero["stage"] = min(int(zero.get("stage", 0)), 2)
-            self.disc_engine = ds_engine.build_engine(disc, disc_optim, cfg.engine, ds_config=ds_config)
+            self.disc = PatchDiscriminator.from_config(cfg.gan).to(self.engine.device)
+            self.disc_optimizer = torch.optim.AdamW(self.disc.parameters(), lr=optim.lr * cfg.gan.disc_lr_mult,
+                                                    betas=tuple(optim.betas), eps=optim.eps)
 
     @property
     def model(self) -> QLIP:
@@ -84,10 +91,10 @@ class StageRunner:
             perceptual = self.perceptual(out.reconstruction, pixels)
             total = total + self.cfg.perceptual.weight * perceptual
             terms["perceptual"] = perceptual
-        if self.disc_engine is not None and step >= self.cfg.gan.start_step:
-            disc = self.disc_engine.module
-            frozen = {name: p.detach() for name, p in disc.named_parameters()}
-            fake_logits = torch.func.functional_call(disc, frozen, (out.reconstruction,))
+        if self.disc is not None and step >= self.cfg.gan.start_step:
+            # D's weights enter as constants: the generator loss must not train the discriminator
+            frozen = {name: p.detach() for name, p in self.disc.named_parameters()}
+            fake_logits = torch.func.functional_call(self.disc, frozen, (out.reconstruction,))
             gan = generator_loss(fake_logits)
             total = total + self.cfg.gan.gan_weight * gan
             terms["gan_g"] = gan
@@ -96,12 +103,16 @@ class StageRunner:
 
     def _discriminator_step(self, real: torch.Tensor, fake: torch.Tensor) -> dict:
         real = real.detach().requires_grad_(True)
-        real_logits = self.disc_engine(real)
-        fake_logits = self.disc_engine(fake)
+        real_logits = self.disc(real)
+        fake_logits = self.disc(fake)
         d_loss = discriminator_loss(real_logits, fake_logits)
         r1 = r1_penalty(real, real_logits)
-        self.disc_engine.backward(d_loss + self.cfg.gan.r1_weight * r1)
-        self.disc_engine.step()
+        self.disc_optimizer.zero_grad(set_to_none=True)
+        (d_loss + self.cfg.gan.r1_weight * r1).backward()
+        average_gradients(self.disc)
+        if self.cfg.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.disc.parameters(), self.cfg.optim.grad_clip)
+        self.disc_optimizer.step()
         return {"gan_d": d_loss.detach(), "r1": r1.detach()}
 
     def step(self, micro_batches: list[ImageTextBatch], step: int) -> dict[str, float]:
@@ -112,7 +123,7 @@ class StageRunner:
             self.engine.backward(total)
             self.engine.step()
             real, fake = terms.pop("_real"), terms.pop("_fake")
-            if self.disc_engine is not None and step >= self.cfg.gan.start_step:
+            if self.disc is not None and step >= self.cfg.gan.start_step:
                 terms.update(self._discriminator_step(real, fake))
             for key, value in terms.items():
                 sums[key] = sums.get(key, 0.0) + float(value.detach())
@@ -121,12 +132,33 @@ class StageRunner:
     # -- checkpoints ----------------------------------------------------------------------------
     def save(self, checkpoint_dir: Path, step: int, positions: list[int]) -> None:
         state = {"positions": positions, "weights": dataclasses.asdict(self.weights)}
-        ds_engine.save_checkpoint(self.engine, checkpoint_dir, step, state)
-        if self.disc_engine is not None:
-            ds_engine.save_checkpoint(self.disc_engine, checkpoint_dir / "discriminator", step, state)
+        tag = ds_engine.save_checkpoint(self.engine, checkpoint_dir, step, state)
+        if self.disc is not None and get_rank() == 0:  # replicated: one copy is enough
+            with atomic_output_path(checkpoint_dir / tag / DISC_FILE) as tmp:
+                torch.save({"model": self.disc.state_dict(), "optimizer": self.disc_optimizer.state_dict()}, tmp)
+        barrier()
 
     def load(self, checkpoint_dir: Path) -> dict:
         state = ds_engine.load_checkpoint(self.engine, checkpoint_dir)
-        if self.disc_engine is not None:
-            ds_engine.load_checkpoint(self.disc_engine, checkpoint_dir / "discriminator", restore_rng=False)
+        if self.disc is not None:
+            path = checkpoint_dir / ds_engine.latest_tag(checkpoint_dir) / DISC_FILE
+            if not path.is_file():
+                raise UserError(f"checkpoint has no discriminator state: {path}")
+            disc_state = torch.load(path, weights_only=True, map_location=self.engine.device)
+            self.disc.load_state_dict(disc_state["model"])
+            self.disc_optimizer.load_state_dict(disc_state["optimizer"])
         return state
+
+
+def average_gradients(module: torch.nn.Module) -> None:
+    """Data-parallel mean of ``module``'s gradients (no-op without a process group)."""
+    if not (tdist.is_available() and tdist.is_initialized()) or tdist.get_world_size() == 1:
+        return
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    tdist.all_reduce(flat)
+    flat /= tdist.get_world_size()
+    offset = 0
+    for grad in grads:
+        grad.copy_(flat[offset: offset + grad.numel()].view_as(grad))
+        offset += grad.numel()
