@@ -65,6 +65,13 @@ def test_ranks_get_disjoint_covering_parts(tmp_path, clean_env, num_shards):
     assert parts[0] | parts[1] == {f"s{s}-{i}" for s in range(num_shards) for i in range(6)}
 
 
+def test_split_by_rank_false_reads_everything(four_shards, clean_env):
+    clean_env.setenv("RANK", "1")
+    clean_env.setenv("WORLD_SIZE", "2")
+    assert len(keys(ShardDataset(four_shards))) == 10
+    assert len(keys(ShardDataset(four_shards, split_by_rank=False))) == 20
+
+
 def test_reader_plan():
     assert reader_plan(8, 3, 4) == (slice(3, None, 4), 0, 1)  # whole shards
     assert reader_plan(2, 3, 4) == (slice(None), 3, 4)  # every 4th sample of all shards

@@ -49,7 +49,8 @@ def evaluate_tokenizer(model: QLIP, text_tokenizer: TextTokenizer | None, data_d
     """Metrics of ``model`` on the first ``max_images`` images of a split (see module doc)."""
     model.eval()
     world = data_config(data_dir)
-    samples = list(islice(ShardDataset(resolve_shards(data_dir, split)), max_images))
+    # every sample on this process even inside a distributed run (rank 0 evaluates alone)
+    samples = list(islice(ShardDataset(resolve_shards(data_dir, split), split_by_rank=False), max_images))
     classes = colour_shape_classes(world)
     class_embeds = None
     if model.text is not None and text_tokenizer is not None:

@@ -98,9 +98,9 @@ def reader_plan(num_shards: int, reader: int, num_readers: int) -> tuple[slice, 
     return slice(None), reader, num_readers
 
 
-def _reader_identity() -> tuple[int, int]:
+def _reader_identity(split_by_rank: bool = True) -> tuple[int, int]:
     """(this reader's index, number of readers) over distributed ranks × DataLoader workers."""
-    rank, world_size, _, _ = wds.utils.pytorch_worker_info()
+    rank, world_size, _, _ = wds.utils.pytorch_worker_info() if split_by_rank else (0, 1, 0, 1)
     info = get_worker_info()
     worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
     return rank * num_workers + worker, world_size * num_workers
@@ -167,10 +167,13 @@ class ShardDataset(IterableDataset):
 
     ``repeat=True`` cycles epochs forever (epoch numbers continue from ``epoch``), which is what
     step-based training wants; ``shuffle_buffer=0`` keeps file order (evaluation).
+    ``split_by_rank=False`` gives this process every sample even inside a distributed job (e.g.
+    rank 0 evaluating alone); DataLoader workers still split among themselves.
     """
 
     def __init__(self, shards: Sequence[str], *, shuffle_buffer: int = 0, seed: int = 0, epoch: int = 0,
-                 repeat: bool = False, image_size: int | None = None, skip_log: SkipLog | None = None):
+                 repeat: bool = False, image_size: int | None = None, skip_log: SkipLog | None = None,
+                 split_by_rank: bool = True):
         super().__init__()
         if not shards:
             raise UserError("ShardDataset needs at least one shard")
@@ -181,12 +184,13 @@ class ShardDataset(IterableDataset):
         self.repeat = repeat
         self.image_size = image_size
         self.skip_log = skip_log or SkipLog()
+        self.split_by_rank = split_by_rank
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[Sample]:
-        reader, num_readers = _reader_identity()
+        reader, num_readers = _reader_identity(self.split_by_rank)
         epochs = count(self.epoch) if self.repeat else [self.epoch]
         for epoch in epochs:
             yield from self._iter_epoch(epoch, reader, num_readers)
