@@ -19,10 +19,10 @@ only the bottleneck MLPs and the decoder.
 Parameter counts (``count_parameters``; ``python -m tokenizer.qlip`` prints them)::
 
     preset         encoder   bottleneck      decoder         text        total
-    tiny           828,368       36,236      828,160      750,720    2,443,485
-    B-16-256    86,317,824    1,224,988   86,513,664   63,428,096  237,484,573
-    B-8-256     86,465,280    1,224,988   86,660,544   63,428,096  237,778,909
-    L-14-392   304,669,632    2,157,596  304,930,316  123,650,304  735,407,849
+    tiny           824,448       36,492      824,240      750,720    2,435,901
+    B-16-256    86,317,824    1,226,524   86,513,664   63,428,096  237,486,109
+    B-8-256     86,465,280    1,226,524   86,660,544   63,428,096  237,780,445
+    L-14-392   304,669,632    2,159,644  304,930,316  123,650,304  735,409,897
     (totals include the one-parameter logit_scale)
 
 The paper quotes 87M / 87M / 1M (B) and 304M / 304M / 2M (L) for encoder / decoder /
@@ -33,7 +33,9 @@ ratio 4) + [CLS] LayerNorm and image projection 0.39M. The decoder is: 256 posit
 same 12 blocks + head 1.18M (LayerNorm, 768x768, 768x768). The 0.5-0.7M left to "87M" is
 within the paper's rounding plus details we do not replicate (bias choices, exact head shapes
 of the release). B-8-256 has a smaller patch embedding / head (patch 8) but 4x the positions. The
-bottleneck is MLP↓ (768x768 + 768x28) + MLP↑ (28x768 + 768x768) = 1.22M ("1M"); L: 2.16M ("2M").
+bottleneck is LayerNorm + MLP↓ (768x768 + 768x28) + MLP↑ (28x768 + 768x768) = 1.23M ("1M");
+L: 2.16M ("2M"). The tiny preset uses plain pre-LN blocks (GELU MLP, ratio 4) with RoPE: with
+EVA-02 blocks it collapsed to a single code within 20 steps on ShapesWorld (see PRESET_ROWS).
 The text towers are the OpenCLIP B (63.4M) and L (123.7M) shapes.
 """
 from __future__ import annotations
