@@ -152,7 +152,7 @@ def test_two_rank_gathered_loss_equals_full_batch(tmp_path):
              ([(0, 3), (3, 8)], True)]  # uneven split, gradient rescaled by the world size
     mp.spawn(_dist_worker, args=(2, _free_port(), tmp_path, img, txt, scale, cases), nprocs=2,
              join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
     full_img, full_txt, full_scale = leaves(img, txt, scale)
     positives = positives_from_labels(LABELS)
