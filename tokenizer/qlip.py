@@ -131,6 +131,7 @@ class PresetRow(NamedTuple):
     group_size: int
     entropy_mode: str
     eva_blocks: bool  # EVA-02 block (RoPE + SwiGLU + sub-LN) or plain pre-LN block (+ RoPE)
+    init: str  # "trunc_normal" (std 0.02, ViT/CLIP) or "fan_in" (PyTorch default; small widths)
     inv_temperature: float  # BSQ τ; ~L keeps per-bit logits 4τ·u_i/√L = O(4) for |u_i| ~ 1/√L
 
 
@@ -139,16 +140,16 @@ PRESET_ROWS: dict[str, PresetRow] = {
     # vocab 1024 covers the project's 512-piece sentencepiece + specials.
     # Plain blocks: with EVA blocks this model collapsed to a single code within 20 steps on
     # ShapesWorld (every patch token converged to one vector); plain pre-LN blocks train.
-    "tiny":     PresetRow(32, 4, 128, 4, 4, 128, (128, 3, 4), 1024, 64, 12, 6, "group", False, 10.0),
+    "tiny":     PresetRow(32, 4, 128, 4, 4, 128, (128, 3, 4), 1024, 64, 12, 6, "group", False, "fan_in", 10.0),
     # Released-model shapes: EVA-02 ViT-B / ViT-L trunks, OpenCLIP B / L text towers, 28 bits.
     # group_size 14 (2 AR tokens of 16384 codes); 'analytical' entropy because 'group' mode
     # would materialise 2**14 probabilities per token and group.
     "B-16-256": PresetRow(256, 16, 768, 12, 12, 512, (512, 12, 8), 49408, 77, 28, 14, "analytical",
-                          True, 28.0),
+                          True, "trunc_normal", 28.0),
     "B-8-256":  PresetRow(256, 8, 768, 12, 12, 512, (512, 12, 8), 49408, 77, 28, 14, "analytical",
-                          True, 28.0),
+                          True, "trunc_normal", 28.0),
     "L-14-392": PresetRow(392, 14, 1024, 24, 16, 768, (768, 12, 12), 49408, 77, 28, 14,
-                          "analytical", True, 28.0),
+                          "analytical", True, "trunc_normal", 28.0),
 }
 
 # BSQ loss weights of every preset (τ is per row). Measured on the tiny preset: τ = 1 leaves the
@@ -161,7 +162,7 @@ def _config_from_row(row: PresetRow) -> QLIPConfig:
     """All presets use the EVA-02 block (2D RoPE, SwiGLU with hidden int(8/3 d), sub-LN)."""
     trunk = ViTConfig(image_size=row.image_size, patch_size=row.patch_size, width=row.width,
                       depth=row.depth, heads=row.heads, mlp_ratio=8 / 3 if row.eva_blocks else 4.0,
-                      swiglu=row.eva_blocks, sub_ln=row.eva_blocks, rope=True)
+                      swiglu=row.eva_blocks, sub_ln=row.eva_blocks, rope=True, init=row.init)
     text = None
     if row.text is not None:
         t_width, t_depth, t_heads = row.text

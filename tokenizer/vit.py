@@ -21,7 +21,7 @@ vector is ordered ``(p q c)`` (row within the patch, column within the patch, RG
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -47,6 +47,10 @@ class ViTConfig:
     rope_base: float = 10000.0
     qkv_bias: bool = True
     layer_norm_eps: float = 1e-6
+    # "trunc_normal": ViT/CLIP's std-0.02 weights (the released widths, 768+); "fan_in": PyTorch's
+    # default fan-in-scaled init. At width 128 std 0.02 is ~4x too small: a one-batch overfit test
+    # reached 22.5 dB in 100 steps with it and 26.7 dB with fan_in.
+    init: Literal["trunc_normal", "fan_in"] = "trunc_normal"
 
     @property
     def grid_size(self) -> int:
@@ -262,7 +266,8 @@ class ViTEncoder(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, w))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + config.num_patches, w))
         self.blocks = build_blocks(config)
-        init_weights(self)
+        if config.init == "trunc_normal":
+            init_weights(self)
         nn.init.trunc_normal_(self.cls_token, std=0.02, a=-0.04, b=0.04)
         nn.init.trunc_normal_(self.pos_embed, std=0.02, a=-0.04, b=0.04)
 
@@ -299,7 +304,8 @@ class ViTDecoder(nn.Module):
             nn.Tanh(),
             nn.Linear(w, p * p * 3),
         )
-        init_weights(self)
+        if config.init == "trunc_normal":
+            init_weights(self)
         nn.init.trunc_normal_(self.pos_embed, std=0.02, a=-0.04, b=0.04)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
