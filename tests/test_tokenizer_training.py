@@ -54,11 +54,14 @@ def losses(out_dir):
 
 def test_resume_continues_the_same_loss_sequence(dataset, tmp_path):
     train(dataset, tmp_path / "continuous", "steps=6", "save_every=3")
-    train(dataset, tmp_path / "interrupted", "steps=6", "save_every=3", "stop_at=3")
+    train(dataset, tmp_path / "interrupted", "steps=6", "save_every=2", "stop_at=5")
     assert not (tmp_path / "interrupted" / "export").exists()  # stopped before the end
-    train(dataset, tmp_path / "interrupted", "steps=6", "save_every=3")
+    # as if killed after step 5: the newest checkpoint is step 4, step 5 must be redone
+    (tmp_path / "interrupted" / "checkpoints" / "latest").write_text("step_00000004")
+    train(dataset, tmp_path / "interrupted", "steps=6", "save_every=2")
     continuous, resumed = losses(tmp_path / "continuous"), losses(tmp_path / "interrupted")
-    assert sorted(resumed) == list(range(1, 7))
+    steps = [json.loads(l)["step"] for l in (tmp_path / "interrupted" / "train_log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 7))  # the redone step 5 is logged once
     for step in range(1, 7):
         assert resumed[step] == continuous[step], f"step {step}: {resumed[step]} != {continuous[step]}"
 

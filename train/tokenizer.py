@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from mmcore.config import ConfigError, add_config_args, config_to_dict, load_config, save_config
 from mmcore.errors import UserError, cli_entry
-from mmcore.io import atomic_write_json
+from mmcore.io import atomic_write_json, atomic_write_text
 from mmcore.text_tokenizer import TextTokenizer
 from tokenizer.export import load_tokenizer, save_tokenizer
 from tokenizer.losses import GANConfig, PerceptualConfig
@@ -148,6 +148,8 @@ def train_run(cfg: TokenizerTrainConfig, weights: LossWeights, steps: int, out_d
                                  seed=cfg.seed, rank=rank, start=positions[rank] if positions else 0,
                                  skip_log=skip_log)
     log_path = out_dir / "train_log.jsonl"
+    if rank == 0:
+        truncate_log(log_path, step)
     history: list[dict] = []
     bar = tqdm(total=steps, initial=step, desc=desc, disable=rank != 0, unit="step", dynamic_ncols=True)
     start_time, position = time.perf_counter(), positions[rank] if positions else 0
@@ -179,6 +181,16 @@ def train_run(cfg: TokenizerTrainConfig, weights: LossWeights, steps: int, out_d
         summary["export"] = str(export_model(cfg, model, stage1, state_dict, out_dir, weights))
     del runner
     return summary
+
+
+def truncate_log(log_path: Path, last_step: int) -> None:
+    """Keep only records up to ``last_step`` (0: a fresh run starts an empty log; on resume, the
+    steps logged after the checkpoint by the interrupted run are dropped, as they are redone)."""
+    if not log_path.is_file():
+        return
+    kept = [line for line in log_path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    atomic_write_text(log_path, "".join(line + "\n" for line in kept))
 
 
 def gather_positions(position: int) -> list[int]:
