@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: all venv test demo bench clean
+.PHONY: all venv test demo bench ablation clean
 
 all: test
 
@@ -29,6 +29,9 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) scripts/demo.py
+
+ablation: $(STAMP)
+	$(PY) scripts/ablation.py
 
 bench: $(STAMP)
 	$(PY) bench/bench_data.py

@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,8 @@ from pathlib import Path
 from typing import Callable, NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from train.distributed import find_free_port  # noqa: E402  (after making the repo importable)
 
 
 class Step(NamedTuple):
@@ -30,12 +31,6 @@ class Step(NamedTuple):
     what: str
     command: Callable[[Path], list[str]]
     report: Callable[[Path], str]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def read_json(path: Path) -> dict:
@@ -76,7 +71,7 @@ def tokenizer_report(stage: int) -> Callable[[Path], str]:
 
 def torchrun(script: str, *args: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-            "--master_port", str(free_port()), script, *args]
+            "--master_port", str(find_free_port()), script, *args]
 
 
 STEPS = [
