@@ -30,7 +30,6 @@ from typing import Literal, Optional
 if __package__ in (None, ""):  # run as a script by a launcher: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch
 import torch.distributed as tdist
 from tqdm import tqdm
 
