@@ -99,3 +99,20 @@ def test_auto_balance_uses_pilot_losses(dataset, tmp_path):
     assert balance["recon"] == pytest.approx(balance["align"] * balance["pilot_final_align"] / balance["pilot_final_mse"])
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["loss_weights"]["recon"] == pytest.approx(balance["recon"])
+
+
+def test_stage2_resume_restores_discriminator(dataset, tmp_path):
+    """Stage 2 trains a discriminator outside DeepSpeed: its weights and optimizer state must come
+    back on resume, or the losses after the restart would differ."""
+    stage1 = tmp_path / "stage1"
+    train(dataset, stage1, "steps=2")
+    stage2 = ["steps=4", "save_every=2", f"init_from={stage1 / 'export'}", "gan.disc_width=8", "gan.disc_layers=1"]
+    config = "configs/tokenizer/tiny_stage2.yaml"
+    train(dataset, tmp_path / "continuous", *stage2, config=config)
+    train(dataset, tmp_path / "resumed", *stage2, "stop_at=2", config=config)
+    train(dataset, tmp_path / "resumed", *stage2, config=config)
+    read = lambda d: [json.loads(l) for l in (d / "train_log.jsonl").read_text().splitlines()]  # noqa: E731
+    continuous, resumed = read(tmp_path / "continuous"), read(tmp_path / "resumed")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    for a, b in zip(continuous, resumed):
+        assert (a["total"], a["gan_d"], a["gan_g"]) == (b["total"], b["gan_d"], b["gan_g"]), a["step"]
