@@ -60,8 +60,8 @@ def verdict(results: dict[str, dict]) -> str:
     zs_gap = 100 * (align["zero_shot_acc"] - balanced["zero_shot_acc"])
     psnr_gap = recon["psnr_db"] - balanced["psnr_db"]
     ok = zs_gap <= 2 and psnr_gap <= 1
-    return (f"balanced vs align-only zero-shot: {zs_gap:+.1f} points behind (claim: <= 2); "
-            f"balanced vs recon-only PSNR: {psnr_gap:+.2f} dB behind (claim: <= 1) -> "
+    return (f"zero-shot: balanced is {zs_gap:+.1f} points behind align-only (negative = ahead; claim: <= 2); "
+            f"PSNR: balanced is {psnr_gap:+.2f} dB behind recon-only (negative = ahead; claim: <= 1) -> "
             f"claim {'holds' if ok else 'does NOT hold'} at this budget")
 
 
