@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import io
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import sentencepiece as spm
 
@@ -77,8 +77,12 @@ class TextTokenizer:
             raise TypeError(f"encode expects str, got {type(text).__name__}")
         return list(self.sp.encode(text))
 
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [list(ids) for ids in self.sp.encode(list(texts))]
+    def encode_pooled(self, text: str, context_length: int) -> list[int]:
+        """``<bos> text <eos>`` within ``context_length``: the text tower's input layout.
+
+        Text is cut *before* ``<eos>`` so the token the tower pools at is always ``<eos>``.
+        """
+        return [self.bos_id, *self.encode(text)[: context_length - 2], self.eos_id]
 
     def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
         """Ids -> text. Specials are dropped, or rendered by name when ``skip_special=False``;

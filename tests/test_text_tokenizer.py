@@ -73,3 +73,11 @@ def test_bad_model_files(tmp_path):
     with pytest.raises(UserError, match="empty corpus"):
         train_sentencepiece(["", ""], tmp_path / "x.model")
     assert not (tmp_path / "x.model").exists()
+
+
+def test_encode_pooled_always_ends_with_eos(tokenizer):
+    ids = tokenizer.encode_pooled("a red circle", context_length=64)
+    assert ids[0] == tokenizer.bos_id and ids[-1] == tokenizer.eos_id
+    assert tokenizer.decode(ids) == "a red circle"
+    long = tokenizer.encode_pooled("a large blue square in the top left " * 10, context_length=8)
+    assert len(long) == 8 and long[-1] == tokenizer.eos_id

@@ -17,13 +17,9 @@ class ZeroShotOutput(NamedTuple):
 
 def encode_prompts(text_tokenizer: TextTokenizer, prompts: Sequence[str],
                    context_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompts -> right-padded ``<bos> text <eos>`` ids (N, T) and attention mask (N, T).
-
-    The same layout the tokenizer's text tower is trained on: pooled at the last real token.
-    Text longer than the context is cut before ``<eos>`` so the pooled token is always ``<eos>``.
-    """
-    rows = [[text_tokenizer.bos_id, *text_tokenizer.encode(p)[: context_length - 2], text_tokenizer.eos_id]
-            for p in prompts]
+    """Prompts -> right-padded ``<bos> text <eos>`` ids (N, T) and attention mask (N, T), the
+    layout the text tower is trained on (:meth:`TextTokenizer.encode_pooled`)."""
+    rows = [text_tokenizer.encode_pooled(p, context_length) for p in prompts]
     length = max(len(r) for r in rows)
     ids = torch.full((len(rows), length), text_tokenizer.pad_id, dtype=torch.int64)
     mask = torch.zeros((len(rows), length), dtype=torch.int64)

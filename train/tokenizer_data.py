@@ -78,11 +78,6 @@ def pick_caption(meta: dict, weights: list[float], rng: random.Random) -> tuple[
     return index, captions[index]
 
 
-def tokenize_caption(text_tokenizer: TextTokenizer, caption: str, context_length: int) -> list[int]:
-    body = text_tokenizer.encode(caption)[: context_length - 2]
-    return [text_tokenizer.bos_id, *body, text_tokenizer.eos_id]
-
-
 def collate(samples: list[tuple[Sample, list[int], str]], pad_id: int, end_position: int) -> ImageTextBatch:
     length = max(len(ids) for _, ids, _ in samples)
     text_ids = torch.full((len(samples), length), pad_id, dtype=torch.int64)
@@ -117,7 +112,7 @@ def image_text_batches(cfg: TokenizerDataConfig, text_tokenizer: TextTokenizer |
                 skip_log.skip(sample.shard, sample.key, "no caption: stage 1 needs one per image")
                 continue
             index, caption = picked
-            ids = tokenize_caption(text_tokenizer, caption, context_length)
+            ids = text_tokenizer.encode_pooled(caption, context_length)
             label = caption_label(sample.meta, index, caption)
         buffer.append((sample, ids, label))
         if len(buffer) == batch_size:

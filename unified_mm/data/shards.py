@@ -229,8 +229,3 @@ class ShardDataset(IterableDataset):
             return True
 
         return wds.tarfile_to_samples(handler=handler)(urls())
-
-
-def iter_split(data_dir: str | Path, split: str, **kwargs) -> ShardDataset:
-    """Convenience: the ``{split}-*.tar`` shards of a dataset directory as a :class:`ShardDataset`."""
-    return ShardDataset(resolve_shards(data_dir, split), **kwargs)
