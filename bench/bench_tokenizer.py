@@ -108,6 +108,32 @@ class HFViT(nn.Module):
         return self.model(pixel_values=pixels).last_hidden_state
 
 
+class TimmViT(nn.Module):
+    """``timm`` ViT-B/16 at our B/16 trunk's image size (random init, no head), when timm imports.
+
+    timm needs torchvision, which does not import beside this project's pinned CPU torch wheel
+    (ENV-NOTES), so this peer runs only where both are installed (e.g. the lent GPU machine's CPU).
+    """
+
+    def __init__(self):
+        super().__init__()
+        import timm
+        trunk = preset_config(ENCODER_PRESET).encoder
+        self.model = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0,
+                                       img_size=trunk.image_size)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_features(pixels)
+
+
+def timm_available() -> bool:
+    try:
+        import timm  # noqa: F401
+        return True
+    except Exception:  # ImportError, or torchvision failing against this torch
+        return False
+
+
 def forward_gflops(model: nn.Module, image_size: int) -> float:
     """Matmul + conv GFLOP of one forward pass on one image (SDPA on the math backend)."""
     pixels = torch.zeros(1, 3, image_size, image_size)
@@ -142,6 +168,8 @@ def interleaved_rates(models: dict[str, nn.Module], pixels: torch.Tensor, warmup
 def bench_encoder(batch: int, warmup: int, rounds: int, iters: int) -> dict:
     torch.manual_seed(0)
     models = {"ours": QlipImageEncoder(ENCODER_PRESET).eval(), "hf_vit": HFViT().eval()}
+    if timm_available():
+        models["timm_vit"] = TimmViT().eval()
     image_size = preset_config(ENCODER_PRESET).encoder.image_size
     pixels = torch.rand(batch, 3, image_size, image_size) * 2 - 1
     rates = interleaved_rates(models, pixels, warmup, rounds, iters)
@@ -156,12 +184,16 @@ def bench_encoder(batch: int, warmup: int, rounds: int, iters: int) -> dict:
             "round_images_per_s": rates[name]}
     result["ratio_ours_over_hf"] = statistics.median(
         a / b for a, b in zip(rates["ours"], rates["hf_vit"]))
+    if "timm_vit" in rates:
+        result["ratio_ours_over_timm"] = statistics.median(
+            a / b for a, b in zip(rates["ours"], rates["timm_vit"]))
+    result["threads"] = torch.get_num_threads()
     return result
 
 
 def print_encoder(result: dict) -> None:
     labels = {"ours": f"QLIP {result['preset']} image encoder",
-              "hf_vit": "transformers ViTModel (sdpa)"}
+              "hf_vit": "transformers ViTModel (sdpa)", "timm_vit": "timm vit_base_patch16 (256 px)"}
     print(f"\nEncoder forward throughput: batch {result['batch']}, fp32, inference_mode, "
           f"{result['rounds']} interleaved rounds x {result['iters_per_round']} iters")
     print(f"{'model':34}{'params':>12}{'GFLOP/img':>11}{'images/s':>10}{'GFLOP/s':>10}")
@@ -169,6 +201,10 @@ def print_encoder(result: dict) -> None:
         print(f"{labels[name]:34}{row['params']:>12,}{row['gflop_per_image']:>11.2f}"
               f"{row['images_per_s']:>10.2f}{row['gflop_per_s']:>10.1f}")
     print(f"ratio ours / HF (median of per-round ratios): {result['ratio_ours_over_hf']:.3f}")
+    if "ratio_ours_over_timm" in result:
+        print(f"ratio ours / timm (median of per-round ratios): {result['ratio_ours_over_timm']:.3f}")
+    else:
+        print("timm: not importable here (needs a torchvision matching this torch); skipped")
 
 
 # ---------------------------------------------------------------------------------------------

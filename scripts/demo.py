@@ -4,7 +4,8 @@ Each step is one of the project's own CLIs run as a subprocess, exactly as a use
 so the demo exercises the real entry points (and their launchers) rather than a private path.
 Steps so far: data generation -> text tokenizer -> 2-process DeepSpeed ZeRO run of a tiny Llama
 (save, reload, consolidate) -> QLIP tokenizer stage 1 and stage 2 (2 processes each, with
-validation metrics). Later stages (unified model, evaluation, samples, report) are appended to
+validation metrics) -> precompute image codes -> unified model (2 processes, mixed tasks, export,
+held-out losses and greedy VQA). Later stages (evaluation, samples, report) are appended to
 STEPS as they land.
 
     python scripts/demo.py [--out runs/demo] [--only data,text_tokenizer]
@@ -69,6 +70,21 @@ def tokenizer_report(stage: int) -> Callable[[Path], str]:
     return report
 
 
+def codes_report(out: Path) -> str:
+    manifest = read_json(out / "codes" / "manifest.json")
+    return (f"tokenizer {manifest['tokenizer_hash']}, {manifest['grid_size']}x{manifest['grid_size']}x"
+            f"{manifest['num_groups']} ids/image, " + ", ".join(f"{name} {info['samples']}"
+                                                             for name, info in manifest["splits"].items()))
+
+
+def unified_report(out: Path) -> str:
+    metrics = read_json(out / "unified" / "metrics.json")
+    first, final = metrics["first_eval"], metrics["final_eval"]
+    losses = ", ".join(f"{k.split('/')[-1]} {first[k]:.2f}->{final[k]:.2f}" for k in sorted(final))
+    vqa = metrics.get("vqa_greedy", {})
+    return f"held-out loss {losses}; greedy VQA {vqa.get('accuracy', float('nan')):.1%}"
+
+
 def torchrun(script: str, *args: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
             "--master_port", str(find_free_port()), script, *args]
@@ -97,6 +113,18 @@ STEPS = [
                               f"data.data={out / 'data'}", f"init_from={out / 'tokenizer_stage1' / 'export'}",
                               f"out_dir={out / 'tokenizer_stage2'}", "resume=false"),
          tokenizer_report(2)),
+    Step("codes", "precompute the image codes of every split with the stage-2 tokenizer",
+         lambda out: [sys.executable, "-m", "unified_mm.tokenizer_cli", "precompute",
+                      "--tokenizer", str(out / "tokenizer_stage2" / "export"), "--data", str(out / "data"),
+                      "--out", str(out / "codes"), "--overwrite"],
+         codes_report),
+    Step("unified", "unified model (Llama decoder, VQA + captions + chat + text-to-image), ZeRO-2 on 2 CPU processes",
+         lambda out: torchrun("train/unified.py", "--config", "configs/unified/tiny.yaml",
+                              f"data.tokenizer={out / 'tokenizer_stage2' / 'export'}",
+                              f"data.sources=[{{codes: {out / 'codes'}, split: train}}]",
+                              f"data.val={{codes: {out / 'codes'}, split: val}}",
+                              f"out_dir={out / 'unified'}", "resume=false"),
+         unified_report),
 ]
 
 

@@ -25,7 +25,6 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Literal, Optional
 
 if __package__ in (None, ""):  # run as a script by a launcher: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -38,61 +37,17 @@ from mmcore.errors import UserError, cli_entry
 from mmcore.io import atomic_write_json, atomic_write_text
 from mmcore.text_tokenizer import TextTokenizer
 from tokenizer.export import load_tokenizer, save_tokenizer
-from tokenizer.losses import GANConfig, PerceptualConfig
-from tokenizer.qlip import PARTS, QLIP, preset_config
+from tokenizer.qlip import QLIP, preset_config
 from train import ds_engine
 from train.distributed import (add_launcher_args, all_reduce_mean, barrier, init_distributed,
                                print_rank0, set_seed, shutdown_distributed)
-from train.tokenizer_data import TokenizerDataConfig, image_text_batches
-from train.tokenizer_steps import LossWeights, StageRunner
+# the config schema lives in the deepspeed-free train.tokenizer_config; re-exported from here
+from train.tokenizer_config import (BalanceConfig, LossWeights, TokenizerTrainConfig,  # noqa: F401
+                                    lr_prefixes)
+from train.tokenizer_data import image_text_batches
+from train.tokenizer_steps import StageRunner
 from unified_mm.data.shards import SkipLog
 from unified_mm.tokenizer_eval import evaluate_tokenizer
-
-
-@dataclasses.dataclass
-class BalanceConfig:
-    mode: Literal["fixed", "auto"] = "fixed"
-    pilot_steps: int = 100  # steps of each pilot run (recon-only, align-only)
-    pilot_tail: int = 10  # final loss = mean over the pilot's last steps
-
-
-@dataclasses.dataclass
-class TokenizerTrainConfig:
-    stage: int = 1
-    preset: str = "tiny"
-    model: dict = dataclasses.field(default_factory=dict)  # overrides on the preset (stage 1)
-    init_from: Optional[str] = None  # stage 2: the stage-1 export directory
-    data: TokenizerDataConfig = dataclasses.field(default_factory=TokenizerDataConfig)
-    weights: LossWeights = dataclasses.field(default_factory=LossWeights)
-    balance: BalanceConfig = dataclasses.field(default_factory=BalanceConfig)
-    perceptual: PerceptualConfig = dataclasses.field(default_factory=PerceptualConfig)
-    gan: GANConfig = dataclasses.field(default_factory=GANConfig)
-    lr_mult: dict[str, float] = dataclasses.field(default_factory=dict)  # part name -> multiplier
-    optim: ds_engine.OptimConfig = dataclasses.field(default_factory=ds_engine.OptimConfig)
-    engine: ds_engine.EngineConfig = dataclasses.field(default_factory=ds_engine.EngineConfig)
-    steps: int = 1000
-    log_every: int = 10
-    save_every: int = 0  # 0: checkpoint only at the end
-    eval_images: int = 1000
-    seed: int = 0
-    out_dir: str = "runs/tokenizer"
-    resume: bool = True  # continue from out_dir/checkpoints when it holds one
-    stop_at: int = 0  # > 0: checkpoint and exit after this step (a planned interruption); rerun to resume
-
-    def validate(self) -> None:
-        if self.stage not in (1, 2):
-            raise ConfigError(f"stage must be 1 or 2, got {self.stage}")
-        if self.stage == 2 and not self.init_from:
-            raise ConfigError("stage 2 needs init_from=<stage-1 export directory>")
-        if self.stage == 2 and self.balance.mode == "auto":
-            raise ConfigError("balance.mode=auto balances alignment vs reconstruction: stage 1 only")
-        unknown = sorted(set(self.lr_mult) - set(PARTS))
-        if unknown:
-            raise ConfigError(f"lr_mult has unknown parts {unknown}; parts: {', '.join(PARTS)}")
-        if self.steps < 1 or self.log_every < 1:
-            raise ConfigError("steps and log_every must be >= 1")
-        if not 0 <= self.stop_at <= self.steps:
-            raise ConfigError(f"stop_at must be in [0, steps={self.steps}], got {self.stop_at}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,10 +68,6 @@ def build_stage_model(cfg: TokenizerTrainConfig, text_tokenizer: TextTokenizer |
     model.load_state_dict(stage1.state_dict())
     model.freeze_encoder().drop_text()
     return model.train(), stage1
-
-
-def lr_prefixes(lr_mult: dict[str, float]) -> dict[str, float]:
-    return {prefix: mult for part, mult in lr_mult.items() for prefix in PARTS[part]}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,30 +18,18 @@ from pathlib import Path
 import torch
 import torch.distributed as tdist
 
-from mmcore.config import ConfigError
 from mmcore.errors import UserError
 from mmcore.io import atomic_output_path
-from tokenizer.losses import (PatchDiscriminator, build_perceptual_loss, clip_loss, discriminator_loss,
-                              generator_loss, mse_loss, positives_from_labels, psnr, r1_penalty)
+from tokenizer.losses import (PatchDiscriminator, build_perceptual_loss, discriminator_loss, generator_loss,
+                              r1_penalty)
 from tokenizer.qlip import QLIP
 from train import ds_engine
 from train.distributed import barrier, get_rank
+from train.tokenizer_config import LossWeights  # also re-exported from here (it used to live here)
 from train.tokenizer_data import ImageTextBatch
+from train.tokenizer_loss import stage1_loss_terms
 
 DISC_FILE = "discriminator.pt"
-
-
-@dataclasses.dataclass
-class LossWeights:
-    """Weights of the stage-1/2 terms (QLIP: αr, αa, αq). MSE is on [-1, 1] pixels."""
-
-    recon: float = 100.0
-    align: float = 1.0
-    quantizer: float = 1.0
-
-    def validate(self) -> None:
-        if min(self.recon, self.align, self.quantizer) < 0:
-            raise ConfigError(f"weights must be >= 0, got {self}")
 
 
 class StageRunner:
@@ -75,18 +63,8 @@ class StageRunner:
             text_ids = batch.text_ids.to(pixels.device)
             mask = batch.attention_mask.to(pixels.device)
         out = self.engine(pixels, text_ids, mask)
-        recon = mse_loss(out.reconstruction, pixels)
-        w = self.weights
-        total = w.recon * recon + w.quantizer * out.bsq.loss
-        terms = {"recon": recon, "quantizer": out.bsq.loss, "psnr_db": psnr(out.reconstruction.detach(), pixels),
-                 "code_entropy_bits": out.bsq.used_entropy_bits,
-                 "codebook_entropy": out.bsq.codebook_entropy, "per_sample_entropy": out.bsq.per_sample_entropy}
-        if self.use_text:
-            positives = positives_from_labels(batch.labels, device=pixels.device)
-            clip = clip_loss(out.image_embeds, out.text_embeds, self.model.logit_scale, positives,
-                             max_logit_scale=self.model.config.max_logit_scale, rescale_local_grad=True)
-            total = total + w.align * clip.loss
-            terms.update(align=clip.loss, i2t_acc=clip.image_to_text_acc, t2i_acc=clip.text_to_image_acc)
+        # recon·MSE + quantizer·BSQ (+ align·CLIP with text): the stage-1 loss, shared with the bench
+        total, terms = stage1_loss_terms(self.model, out, pixels, batch.labels, self.weights)
         if self.perceptual is not None:
             perceptual = self.perceptual(out.reconstruction, pixels)
             total = total + self.cfg.perceptual.weight * perceptual

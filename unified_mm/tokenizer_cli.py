@@ -308,6 +308,7 @@ def read_precomputed(codes_dir: str | Path, split: str, expected_hash: str | Non
     if split not in manifest.get("splits", {}):
         raise UserError(f"{codes_dir} has no split {split!r} (has: {', '.join(manifest['splits'])})")
     shards = [str(Path(codes_dir) / name) for name in manifest["splits"][split]["shards"]]
+    dataset_kwargs.setdefault("decode_image", False)  # the codes replace the pixels
     dataset = ShardDataset(shards, **dataset_kwargs)
     shape = (manifest["grid_size"] ** 2, manifest["num_groups"])
     return _iter_codes(dataset, shape)

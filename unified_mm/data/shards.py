@@ -37,7 +37,7 @@ IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 class Sample(NamedTuple):
     key: str
     shard: str
-    image: Image.Image  # RGB
+    image: Image.Image | None  # RGB; None when read with decode_image=False
     meta: dict
     extras: dict  # any other parts of the sample, undecoded bytes by extension (e.g. "codes.npy")
 
@@ -110,9 +110,16 @@ def _reader_identity(split_by_rank: bool = True) -> tuple[int, int]:
 # Decoding
 # ---------------------------------------------------------------------------------------------
 
-def decode_sample(raw: dict, skip_log: SkipLog, image_size: int | None = None) -> Sample | None:
-    """Decode one raw webdataset sample; None (and a counted warning) when it is unusable."""
+def decode_sample(raw: dict, skip_log: SkipLog, image_size: int | None = None,
+                  decode_image: bool = True) -> Sample | None:
+    """Decode one raw webdataset sample; None (and a counted warning) when it is unusable.
+
+    ``decode_image=False`` neither needs nor decodes the image part (``Sample.image`` is None):
+    readers of precomputed codes only want the json and the codes, and skip PNG decoding.
+    """
     shard, key = raw.get("__url__", "?"), raw.get("__key__")
+    if not decode_image:
+        return _decode_meta_only(raw, shard, key, skip_log)
     image_ext = next((ext for ext in IMAGE_EXTS if ext in raw), None)
     if image_ext is None or "json" not in raw:
         parts = sorted(k for k in raw if not k.startswith("__"))
@@ -129,6 +136,14 @@ def decode_sample(raw: dict, skip_log: SkipLog, image_size: int | None = None) -
         skip_log.skip(shard, key, f"wrong image size: {image.size[0]}x{image.size[1]}, "
                                   f"expected {image_size}x{image_size}")
         return None
+    meta = _decode_json(raw, shard, key, skip_log)
+    if meta is None:
+        return None
+    extras = {k: v for k, v in raw.items() if not k.startswith("__") and k not in (image_ext, "json")}
+    return Sample(key=key, shard=shard, image=image, meta=meta, extras=extras)
+
+
+def _decode_json(raw: dict, shard: str, key: str | None, skip_log: SkipLog) -> dict | None:
     try:
         meta = json.loads(raw["json"].decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -137,8 +152,20 @@ def decode_sample(raw: dict, skip_log: SkipLog, image_size: int | None = None) -
     if not isinstance(meta, dict):
         skip_log.skip(shard, key, f"bad json: top level is {type(meta).__name__}, expected an object")
         return None
-    extras = {k: v for k, v in raw.items() if not k.startswith("__") and k not in (image_ext, "json")}
-    return Sample(key=key, shard=shard, image=image, meta=meta, extras=extras)
+    return meta
+
+
+def _decode_meta_only(raw: dict, shard: str, key: str | None, skip_log: SkipLog) -> Sample | None:
+    if "json" not in raw:
+        parts = sorted(k for k in raw if not k.startswith("__"))
+        skip_log.skip(shard, key, f"missing part: has {parts}, needs json")
+        return None
+    meta = _decode_json(raw, shard, key, skip_log)
+    if meta is None:
+        return None
+    extras = {k: v for k, v in raw.items()
+              if not k.startswith("__") and k != "json" and k not in IMAGE_EXTS}
+    return Sample(key=key, shard=shard, image=None, meta=meta, extras=extras)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,7 +200,7 @@ class ShardDataset(IterableDataset):
 
     def __init__(self, shards: Sequence[str], *, shuffle_buffer: int = 0, seed: int = 0, epoch: int = 0,
                  repeat: bool = False, image_size: int | None = None, skip_log: SkipLog | None = None,
-                 split_by_rank: bool = True):
+                 split_by_rank: bool = True, decode_image: bool = True):
         super().__init__()
         if not shards:
             raise UserError("ShardDataset needs at least one shard")
@@ -185,6 +212,7 @@ class ShardDataset(IterableDataset):
         self.image_size = image_size
         self.skip_log = skip_log or SkipLog()
         self.split_by_rank = split_by_rank
+        self.decode_image = decode_image
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -203,7 +231,8 @@ class ShardDataset(IterableDataset):
         raw_samples = self._raw_samples(order[shard_slice])
         if stride > 1:
             raw_samples = islice(raw_samples, offset, None, stride)
-        samples = (decode_sample(raw, self.skip_log, self.image_size) for raw in raw_samples)
+        samples = (decode_sample(raw, self.skip_log, self.image_size, self.decode_image)
+                   for raw in raw_samples)
         samples = (s for s in samples if s is not None)
         if self.shuffle_buffer > 0:
             rng = random.Random(f"samples/{self.seed}/{epoch}/{reader}")

@@ -1,0 +1,105 @@
+"""Unified-model training end to end on a tiny model under DeepSpeed (subprocesses):
+resume == continuous (same data, same losses), 2-process ZeRO-2 / ZeRO-3 runs train and export,
+the export reloads to the trained weights, bad inputs are clear errors."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from train.distributed import find_free_port
+from unified_mm.export import load_unified
+from tests.unified_env import make_unified_env
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+TINY = ["model.overrides={hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 2, "
+        "num_key_value_heads: 2}", "engine.micro_batch_size=4", "log_every=1", "eval_per_task=4",
+        "vqa_questions=8", "optim.warmup_steps=1", "data.shuffle_buffer=16", "data.max_length=160"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    return make_unified_env(tmp_path_factory.mktemp("unified"))
+
+
+def command(env, out_dir, *extra, procs=1):
+    args = ["--config", "configs/unified/tiny.yaml", f"out_dir={out_dir}", f"data.tokenizer={env['tokenizer']}",
+            f"data.sources=[{{codes: {env['codes']}, split: train}}]", f"data.val={{codes: {env['codes']}, split: val}}",
+            *TINY, *extra]
+    if procs == 1:
+        return [sys.executable, "train/unified.py", *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs),
+            "--master_port", str(find_free_port()), "train/unified.py", *args]
+
+
+def train(env, out_dir, *extra, procs=1, expect_ok=True):
+    run_env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(Path(out_dir).parent)}
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        run_env.pop(var, None)
+    result = subprocess.run(command(env, out_dir, *extra, procs=procs), cwd=ROOT, env=run_env,
+                            capture_output=True, text=True, timeout=400)
+    if expect_ok:
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result
+
+
+def losses(out_dir):
+    records = [json.loads(line) for line in (Path(out_dir) / "train_log.jsonl").read_text().splitlines()]
+    return {r["step"]: {k: v for k, v in r.items() if k.startswith("loss")} for r in records if "loss" in r}
+
+
+def test_resume_continues_with_the_same_data_and_losses(env, tmp_path):
+    train(env, tmp_path / "continuous", "steps=6", "save_every=3")
+    train(env, tmp_path / "interrupted", "steps=6", "save_every=2", "stop_at=5")
+    assert not (tmp_path / "interrupted" / "export").exists()
+    # as if killed after step 5: the newest checkpoint is step 4, step 5 must be redone
+    (tmp_path / "interrupted" / "checkpoints" / "latest").write_text("step_00000004")
+    train(env, tmp_path / "interrupted", "steps=6", "save_every=2")
+    continuous, resumed = losses(tmp_path / "continuous"), losses(tmp_path / "interrupted")
+    assert sorted(resumed) == list(range(1, 7))  # the redone step is logged once
+    for step in range(1, 7):
+        assert resumed[step] == continuous[step], f"step {step}: {resumed[step]} != {continuous[step]}"
+    metrics = json.loads((tmp_path / "interrupted" / "metrics.json").read_text())
+    assert metrics["final_eval"] == json.loads((tmp_path / "continuous" / "metrics.json").read_text())["final_eval"]
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_two_process_zero_run_trains_and_exports(env, tmp_path, zero):
+    out = tmp_path / f"zero{zero}"
+    train(env, out, "steps=4", f"engine.deepspeed_config=configs/deepspeed/zero{zero}.json", procs=2)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["final_eval"]) == {f"eval/{t}" for t in ("vqa", "caption", "chat", "t2i", "text")}
+    assert metrics["vqa_greedy"]["questions"] == 8
+    loaded = load_unified(out / "export")
+    assert loaded.hash == metrics["export_hash"] and loaded.tokenizer_hash == metrics["tokenizer_hash"]
+    # the export holds the trained weights: its held-out loss is the logged final one
+    from unified_mm.data.mixture import MixtureConfig, SourceConfig, eval_sequences
+    from unified_mm.quick_eval import heldout_losses
+    from unified_mm.sequence import SequenceBuilder
+    builder = SequenceBuilder(loaded.text_tokenizer, loaded.vocab, 160)
+    held = eval_sequences(SourceConfig(codes=str(env["codes"]), split="val"), MixtureConfig(), builder,
+                          tokenizer_hash=loaded.tokenizer_hash, per_task=4)
+    again = heldout_losses(loaded.model, loaded.vocab, held, pad_id=loaded.text_tokenizer.pad_id)
+    for task, value in again.items():
+        assert value == pytest.approx(metrics["final_eval"][f"eval/{task}"], rel=1e-4)
+    logs = losses(out)
+    assert sorted(logs) == [1, 2, 3, 4] and all(torch.isfinite(torch.tensor(r["loss"])) for r in logs.values())
+
+
+def test_bad_inputs_are_one_line_errors(env, tmp_path):
+    result = train(env, tmp_path / "bad", "data.tokenizer=/nonexistent", expect_ok=False)
+    assert result.returncode == 2 and "data.tokenizer=/nonexistent" in result.stderr
+    result = train(env, tmp_path / "bad", "mixture.start={ocr: 1}", expect_ok=False)
+    assert result.returncode == 2 and "unknown task 'ocr'" in result.stderr
+    other = tmp_path / "other_tok"
+    import shutil
+    shutil.copytree(env["tokenizer"], other)
+    (other / "config.json").write_text((other / "config.json").read_text().replace('"metadata": {}', '"metadata": {"x": 1}'))
+    result = train(env, tmp_path / "bad", f"data.tokenizer={other}", expect_ok=False)
+    assert result.returncode == 2 and "rerun precompute" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,102 @@
+"""Optimizer, learning-rate schedule and batch/precision settings, without DeepSpeed.
+
+The dataclasses a run's YAML holds (:class:`OptimConfig`, :class:`EngineConfig`) and the pieces
+every trainer builds from them (:func:`param_groups`, :class:`WarmupCosine`). They live here, not in
+:mod:`train.ds_engine`, so that plain-PyTorch tools (e.g. ``bench/tokenizer_sweep.py``) can import
+them on machines without ``deepspeed``; ``train.ds_engine`` re-exports every name.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+import torch
+
+from mmcore.config import ConfigError
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    """AdamW with linear warm-up then cosine decay to ``min_lr_ratio * lr``."""
+    lr: float = 3e-4
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables clipping
+    warmup_steps: int = 0
+    total_steps: int = 1000
+    min_lr_ratio: float = 0.1
+
+    def validate(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
+        if self.total_steps < 1 or not 0 <= self.warmup_steps <= self.total_steps:
+            raise ConfigError(f"need 0 <= optim.warmup_steps ({self.warmup_steps}) <= "
+                              f"optim.total_steps ({self.total_steps}) and total_steps >= 1")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.grad_clip < 0:
+            raise ConfigError(f"optim.grad_clip must be >= 0, got {self.grad_clip}")
+
+
+@dataclasses.dataclass
+class EngineConfig:
+    """Which DeepSpeed JSON to use and the batch/precision values injected into it."""
+    deepspeed_config: str = "configs/deepspeed/zero2.json"  # relative to cwd or the repo root
+    micro_batch_size: int = 4  # per rank, per forward pass
+    grad_accum_steps: int = 1
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+
+    def validate(self) -> None:
+        if self.micro_batch_size < 1 or self.grad_accum_steps < 1:
+            raise ConfigError("engine.micro_batch_size and engine.grad_accum_steps must be >= 1")
+
+
+class WarmupCosine:
+    """LR multiplier: linear warm-up, then cosine from 1 to ``min_ratio``; flat after the end.
+
+    A class rather than a closure so ``LambdaLR.state_dict`` (and thus the checkpoint) records
+    its parameters.
+    """
+
+    def __init__(self, warmup_steps: int, total_steps: int, min_ratio: float):
+        self.warmup_steps = warmup_steps
+        self.total_steps = total_steps
+        self.min_ratio = min_ratio
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        decay_steps = max(1, self.total_steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / decay_steps)
+        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, lr: float,
+                 lr_mults: dict[str, float] | None = None) -> list[dict]:
+    """Trainable parameters grouped by (lr multiplier, decay).
+
+    Matrices decay; biases, norms and other 1-D tensors do not. ``lr_mults`` maps parameter-name
+    prefixes to learning-rate multipliers (first match wins, default 1), e.g. a slower encoder.
+    """
+    lr_mults = lr_mults or {}
+    groups: dict[tuple[float, bool], list] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        mult = next((m for prefix, m in lr_mults.items() if name.startswith(prefix)), 1.0)
+        groups.setdefault((mult, param.ndim >= 2), []).append(param)
+    return [{"params": params, "weight_decay": weight_decay if decay else 0.0, "lr": lr * mult}
+            for (mult, decay), params in sorted(groups.items(), key=lambda kv: (-kv[0][0], not kv[0][1]))]
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig,
+                    lr_mults: dict[str, float] | None = None) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.lr, lr_mults), lr=cfg.lr,
+                             betas=tuple(cfg.betas), eps=cfg.eps)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, WarmupCosine(cfg.warmup_steps, cfg.total_steps, cfg.min_lr_ratio))

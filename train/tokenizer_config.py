@@ -1,0 +1,82 @@
+"""Typed config of QLIP tokenizer training (both stages), without DeepSpeed.
+
+The schema behind ``configs/tokenizer/*.yaml``: :class:`TokenizerTrainConfig` with its
+:class:`LossWeights` and :class:`BalanceConfig`, plus :func:`lr_prefixes` (per-part learning-rate
+multipliers -> parameter-name prefixes). Kept apart from ``train/tokenizer.py`` (which imports
+DeepSpeed) so plain-PyTorch tools such as ``bench/tokenizer_sweep.py`` can load the same YAML on a
+machine without ``deepspeed``; ``train.tokenizer`` and ``train.tokenizer_steps`` re-export them.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, Optional
+
+from mmcore.config import ConfigError
+from tokenizer.losses import GANConfig, PerceptualConfig
+from tokenizer.qlip import PARTS
+from train.optim import EngineConfig, OptimConfig
+from train.tokenizer_data import TokenizerDataConfig
+
+
+@dataclasses.dataclass
+class LossWeights:
+    """Weights of the stage-1/2 terms (QLIP: αr, αa, αq). MSE is on [-1, 1] pixels."""
+
+    recon: float = 100.0
+    align: float = 1.0
+    quantizer: float = 1.0
+
+    def validate(self) -> None:
+        if min(self.recon, self.align, self.quantizer) < 0:
+            raise ConfigError(f"weights must be >= 0, got {self}")
+
+
+@dataclasses.dataclass
+class BalanceConfig:
+    mode: Literal["fixed", "auto"] = "fixed"
+    pilot_steps: int = 100  # steps of each pilot run (recon-only, align-only)
+    pilot_tail: int = 10  # final loss = mean over the pilot's last steps
+
+
+@dataclasses.dataclass
+class TokenizerTrainConfig:
+    stage: int = 1
+    preset: str = "tiny"
+    model: dict = dataclasses.field(default_factory=dict)  # overrides on the preset (stage 1)
+    init_from: Optional[str] = None  # stage 2: the stage-1 export directory
+    data: TokenizerDataConfig = dataclasses.field(default_factory=TokenizerDataConfig)
+    weights: LossWeights = dataclasses.field(default_factory=LossWeights)
+    balance: BalanceConfig = dataclasses.field(default_factory=BalanceConfig)
+    perceptual: PerceptualConfig = dataclasses.field(default_factory=PerceptualConfig)
+    gan: GANConfig = dataclasses.field(default_factory=GANConfig)
+    lr_mult: dict[str, float] = dataclasses.field(default_factory=dict)  # part name -> multiplier
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)
+    steps: int = 1000
+    log_every: int = 10
+    save_every: int = 0  # 0: checkpoint only at the end
+    eval_images: int = 1000
+    seed: int = 0
+    out_dir: str = "runs/tokenizer"
+    resume: bool = True  # continue from out_dir/checkpoints when it holds one
+    stop_at: int = 0  # > 0: checkpoint and exit after this step (a planned interruption); rerun to resume
+
+    def validate(self) -> None:
+        if self.stage not in (1, 2):
+            raise ConfigError(f"stage must be 1 or 2, got {self.stage}")
+        if self.stage == 2 and not self.init_from:
+            raise ConfigError("stage 2 needs init_from=<stage-1 export directory>")
+        if self.stage == 2 and self.balance.mode == "auto":
+            raise ConfigError("balance.mode=auto balances alignment vs reconstruction: stage 1 only")
+        unknown = sorted(set(self.lr_mult) - set(PARTS))
+        if unknown:
+            raise ConfigError(f"lr_mult has unknown parts {unknown}; parts: {', '.join(PARTS)}")
+        if self.steps < 1 or self.log_every < 1:
+            raise ConfigError("steps and log_every must be >= 1")
+        if not 0 <= self.stop_at <= self.steps:
+            raise ConfigError(f"stop_at must be in [0, steps={self.steps}], got {self.stop_at}")
+
+
+def lr_prefixes(lr_mult: dict[str, float]) -> dict[str, float]:
+    """``{"text": 3.0}`` -> ``{"text.": 3.0}``: part multipliers as parameter-name prefixes."""
+    return {prefix: mult for part, mult in lr_mult.items() for prefix in PARTS[part]}

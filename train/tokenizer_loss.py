@@ -1,0 +1,43 @@
+"""The tokenizer's stage-1 objective ``recon·MSE + quantizer·BSQ + align·CLIP``, without DeepSpeed.
+
+One function, :func:`stage1_loss_terms`, shared by the DeepSpeed trainer
+(:class:`train.tokenizer_steps.StageRunner`, which adds stage 2's perceptual and GAN terms on top)
+and plain-PyTorch tools such as ``bench/tokenizer_sweep.py``, so both optimise exactly the same
+loss. It takes the model's forward output rather than running the forward itself: under DeepSpeed
+the forward must go through the engine.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from tokenizer.losses import clip_loss, mse_loss, positives_from_labels, psnr
+from tokenizer.qlip import QLIP, QLIPOutput
+from train.tokenizer_config import LossWeights
+
+
+def stage1_loss_terms(model: QLIP, out: QLIPOutput, pixels: torch.Tensor, labels: Sequence,
+                      weights: LossWeights) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(total loss, named terms) for one batch: ``recon·MSE + quantizer·BSQ`` plus ``align·CLIP``
+    when the forward had text (``out.text_embeds`` is not None).
+
+    ``model`` is the bare :class:`QLIP` (its learnable ``logit_scale`` and config feed the CLIP
+    loss); ``labels`` are the batch's positive labels (equal labels = mutual positives, so
+    duplicate captions are not negatives). The CLIP loss runs over the global batch when a process
+    group exists (a collective then). Terms: recon, quantizer, psnr_db, code_entropy_bits,
+    codebook_entropy, per_sample_entropy and, with text, align, i2t_acc, t2i_acc; the caller adds
+    ``total``.
+    """
+    recon = mse_loss(out.reconstruction, pixels)
+    total = weights.recon * recon + weights.quantizer * out.bsq.loss
+    terms = {"recon": recon, "quantizer": out.bsq.loss, "psnr_db": psnr(out.reconstruction.detach(), pixels),
+             "code_entropy_bits": out.bsq.used_entropy_bits,
+             "codebook_entropy": out.bsq.codebook_entropy, "per_sample_entropy": out.bsq.per_sample_entropy}
+    if out.text_embeds is not None:
+        positives = positives_from_labels(labels, device=pixels.device)
+        clip = clip_loss(out.image_embeds, out.text_embeds, model.logit_scale, positives,
+                         max_logit_scale=model.config.max_logit_scale, rescale_local_grad=True)
+        total = total + weights.align * clip.loss
+        terms.update(align=clip.loss, i2t_acc=clip.image_to_text_acc, t2i_acc=clip.text_to_image_acc)
+    return total, terms

@@ -1,0 +1,327 @@
+"""Train the unified model (one Llama decoder over text + image ids) under DeepSpeed ZeRO.
+
+    OMP_NUM_THREADS=1 deepspeed --num_gpus 2 train/unified.py --config configs/unified/tiny.yaml
+    torchrun --nproc_per_node 2 train/unified.py --config configs/unified/tiny.yaml engine.deepspeed_config=configs/deepspeed/zero3.json
+
+Reads precomputed image codes (``python -m unified_mm.tokenizer_cli precompute``; the codes'
+tokenizer hash must match ``data.tokenizer``), builds mixed-task sequences
+(:mod:`unified_mm.data.mixture`: VQA, captioning, chat, text-to-image with caption dropout,
+text-only, weights changing linearly over the run) and minimises the modality-separated
+cross-entropy (:mod:`unified_mm.loss`). The loss of a micro-batch is the mean over its labelled
+tokens on this rank; ranks are averaged by DeepSpeed.
+
+Outputs in ``out_dir``: ``config.yaml`` (resolved), ``ds_config.json``, ``train_log.jsonl`` and
+``tensorboard/`` (per-task losses, lr, tokens/s), ``checkpoints/`` (model, optimizer, scheduler,
+every rank's data position and RNG: a rerun of the same command resumes), ``export/`` (HF-format
+directory: what sampling and eval load) and ``metrics.json`` (held-out losses, greedy VQA).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+if __package__ in (None, ""):  # run as a script by a launcher: make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+import torch.distributed as tdist
+from tqdm import tqdm
+
+from mmcore.config import ConfigError, add_config_args, load_config, save_config
+from mmcore.errors import UserError, cli_entry
+from mmcore.io import atomic_write_json
+from mmcore.text_tokenizer import TextTokenizer
+from tokenizer.export import tokenizer_hash
+from train import ds_engine
+from train.distributed import (add_launcher_args, all_reduce_mean, barrier, init_distributed,
+                               print_rank0, set_seed, shutdown_distributed)
+from train.tokenizer import gather_positions, truncate_log
+from train.unified_log import RunLogger
+from unified_mm.data.mixture import MixedTaskStream, MixtureConfig, SourceConfig, eval_sequences
+from unified_mm.data.shards import SkipLog
+from unified_mm.export import load_unified, save_unified
+from unified_mm.loss import modality_token_losses, per_task_losses
+from unified_mm.model import UnifiedModelConfig, build_model, count_parameters
+from unified_mm.quick_eval import greedy_vqa_accuracy, heldout_losses
+from unified_mm.sequence import TASKS, SequenceBuilder, SequenceStats
+from unified_mm.tokenizer_cli import read_manifest
+from unified_mm.vocab import Vocab
+
+
+@dataclasses.dataclass
+class UnifiedDataConfig:
+    tokenizer: str = "runs/tokenizer/stage2/export"  # QLIP export the codes were made with (bundled in the export)
+    text_tokenizer: str = ""  # sentencepiece model; "" = the one in the tokenizer export
+    sources: list = dataclasses.field(default_factory=lambda: [{"codes": "runs/codes", "split": "train"}])
+    val: dict = dataclasses.field(default_factory=lambda: {"codes": "runs/codes", "split": "val"})
+    max_length: int = 256  # tokens per sequence; longer samples are cut/dropped by the stated rules
+    shuffle_buffer: int = 2000
+
+
+@dataclasses.dataclass
+class UnifiedTrainConfig:
+    model: UnifiedModelConfig = dataclasses.field(default_factory=UnifiedModelConfig)
+    data: UnifiedDataConfig = dataclasses.field(default_factory=UnifiedDataConfig)
+    mixture: MixtureConfig = dataclasses.field(default_factory=MixtureConfig)
+    optim: ds_engine.OptimConfig = dataclasses.field(default_factory=ds_engine.OptimConfig)
+    engine: ds_engine.EngineConfig = dataclasses.field(default_factory=ds_engine.EngineConfig)
+    steps: int = 1000
+    stop_at: int = 0  # stop (with a checkpoint) before ``steps``; rerun the command to resume
+    log_every: int = 10
+    eval_every: int = 0  # held-out loss every N steps (0: only at the start and the end)
+    eval_per_task: int = 64  # held-out sequences per task
+    vqa_questions: int = 500  # greedy VQA questions after training (0: skip)
+    save_every: int = 0  # checkpoint every N steps (0: only at the end / at stop_at)
+    seed: int = 0
+    resume: bool = True
+    out_dir: str = "runs/unified"
+
+    def validate(self) -> None:
+        if self.steps < 1 or self.log_every < 1:
+            raise ConfigError("steps and log_every must be >= 1")
+        if self.stop_at < 0 or self.save_every < 0 or self.eval_every < 0:
+            raise ConfigError("stop_at, save_every and eval_every must be >= 0")
+        if self.data.max_length < 8:
+            raise ConfigError(f"data.max_length={self.data.max_length} is too small")
+
+
+def sources_of(cfg: UnifiedTrainConfig) -> list[SourceConfig]:
+    sources = []
+    for index, raw in enumerate(cfg.data.sources):
+        if not isinstance(raw, dict) or "codes" not in raw:
+            raise ConfigError(f"data.sources[{index}] must be a mapping with at least 'codes', got {raw!r}")
+        unknown = set(raw) - {f.name for f in dataclasses.fields(SourceConfig)}
+        if unknown:
+            raise ConfigError(f"data.sources[{index}]: unknown keys {sorted(unknown)}; "
+                              f"known: codes, split, tasks")
+        sources.append(SourceConfig(**raw))
+    return sources
+
+
+# ---------------------------------------------------------------------------------------------
+# Setup
+# ---------------------------------------------------------------------------------------------
+
+def text_tokenizer_path(cfg: UnifiedTrainConfig) -> Path:
+    path = Path(cfg.data.text_tokenizer or Path(cfg.data.tokenizer) / "text_tokenizer.model")
+    if not path.is_file():
+        raise UserError(f"text tokenizer not found: {path} (set data.text_tokenizer)")
+    return path
+
+
+def build_vocab(cfg: UnifiedTrainConfig, text_tokenizer: TextTokenizer) -> Vocab:
+    """The vocabulary from the text tokenizer and the first source's codes manifest."""
+    manifest = read_manifest(sources_of(cfg)[0].codes)
+    return Vocab.for_tokenizers(text_tokenizer.vocab_size, int(manifest["num_bits"]),
+                                int(manifest["group_size"]), int(manifest["grid_size"]))
+
+
+class Setup:
+    """Everything a run needs, built identically on every rank."""
+
+    def __init__(self, cfg: UnifiedTrainConfig):
+        self.cfg = cfg
+        if not Path(cfg.data.tokenizer).is_dir():
+            raise UserError(f"data.tokenizer={cfg.data.tokenizer} is not a tokenizer export directory")
+        self.tokenizer_hash = tokenizer_hash(cfg.data.tokenizer)
+        self.text_path = text_tokenizer_path(cfg)
+        self.text_tokenizer = TextTokenizer(self.text_path)
+        self.vocab = build_vocab(cfg, self.text_tokenizer)
+        self.stats = SequenceStats()
+        self.builder = SequenceBuilder(self.text_tokenizer, self.vocab, cfg.data.max_length, self.stats)
+        self.sources = sources_of(cfg)
+        self.val_source = SourceConfig(**{"tasks": list(TASKS), **cfg.data.val})
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps
+# ---------------------------------------------------------------------------------------------
+
+def train_step(engine, micro_batches, vocab: Vocab) -> dict:
+    """One optimizer step; returns this rank's loss sums/counts per task and token count."""
+    sums = torch.zeros(len(TASKS), dtype=torch.float64)
+    counts = torch.zeros(len(TASKS), dtype=torch.float64)
+    tokens = 0
+    for batch in micro_batches:
+        logits = engine(input_ids=batch.ids.to(engine.device),
+                        attention_mask=batch.attention_mask.to(engine.device)).logits
+        token_losses = modality_token_losses(logits, batch.labels.to(engine.device), vocab)
+        loss = token_losses.losses.sum() / token_losses.mask.sum().clamp(min=1)
+        engine.backward(loss)
+        engine.step()
+        task_sums, task_counts = per_task_losses(token_losses, batch.task_index.to(engine.device), len(TASKS))
+        sums += task_sums.detach().double().cpu()
+        counts += task_counts.detach().double().cpu()
+        tokens += int(batch.attention_mask.sum())
+    return {"sums": sums, "counts": counts, "tokens": tokens}
+
+
+def reduce_terms(terms: dict) -> dict:
+    """Global (all-rank) per-task mean losses, overall loss and token count."""
+    packed = torch.cat([terms["sums"], terms["counts"], torch.tensor([float(terms["tokens"])], dtype=torch.float64)])
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.all_reduce(packed)
+    n = len(TASKS)
+    sums, counts, tokens = packed[:n], packed[n: 2 * n], float(packed[-1])
+    out = {f"loss/{task}": float(sums[i] / counts[i]) for i, task in enumerate(TASKS) if counts[i] > 0}
+    out["loss"] = float(sums.sum() / counts.sum().clamp(min=1))
+    out["tokens"] = tokens
+    return out
+
+
+def run_eval(engine, setup: Setup, heldout: dict) -> dict:
+    engine.eval()
+    losses = heldout_losses(engine, setup.vocab, heldout, pad_id=setup.text_tokenizer.pad_id)
+    engine.train()
+    return {f"eval/{task}": value for task, value in losses.items()}
+
+
+def save(engine, checkpoints: Path, step: int, stream: MixedTaskStream, stats: SequenceStats) -> None:
+    states = gather_positions(stream.state())
+    ds_engine.save_checkpoint(engine, checkpoints, step, {"data": states, "sequence_stats": stats.summary()})
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
+
+def train(cfg: UnifiedTrainConfig, setup: Setup, rank: int) -> dict:
+    out_dir = Path(cfg.out_dir)
+    set_seed(cfg.seed)  # identical initial weights on every rank
+    model = build_model(cfg.model, setup.vocab, text_pieces=setup.text_tokenizer.n_text)
+    params = count_parameters(model)
+    print_rank0(f"unified model: {params['total'] / 1e6:.2f}M parameters ({params['non_embedding'] / 1e6:.2f}M "
+                f"non-embedding), vocab {setup.vocab.size} ({setup.vocab.image_start} text+special, "
+                f"{setup.vocab.num_groups}x{setup.vocab.group_vocab} image)")
+    optim = dataclasses.replace(cfg.optim, total_steps=max(cfg.steps, cfg.optim.warmup_steps))
+    ds_config = ds_engine.resolve_ds_config(cfg.engine, optim)
+    engine = ds_engine.build_engine(model, optim, cfg.engine, ds_config=ds_config)
+    if rank == 0:
+        ds_engine.save_ds_config(ds_config, out_dir / "ds_config.json")
+    checkpoints = out_dir / "checkpoints"
+    step, data_state = 0, None
+    if cfg.resume and (checkpoints / "latest").is_file():
+        state = ds_engine.load_checkpoint(engine, checkpoints)
+        step, data_state = state["step"], state["data"][rank]
+        print_rank0(f"resumed from {checkpoints} at step {step}")
+    else:
+        set_seed(cfg.seed, rank=rank)
+    skip_log = SkipLog()
+    stream = MixedTaskStream(setup.sources, cfg.mixture, setup.builder, tokenizer_hash=setup.tokenizer_hash,
+                             total_steps=cfg.steps, seed=cfg.seed, rank=rank, shuffle_buffer=cfg.data.shuffle_buffer,
+                             state=data_state, skip_log=skip_log)
+    heldout = eval_sequences(setup.val_source, cfg.mixture, setup.builder, tokenizer_hash=setup.tokenizer_hash,
+                             per_task=cfg.eval_per_task, seed=cfg.seed)
+    logger = RunLogger(out_dir, enabled=rank == 0, resume_step=step)
+    first_eval = None
+    if step == 0:
+        first_eval = run_eval(engine, setup, heldout)
+        logger.log(0, first_eval)
+    stop = min(cfg.stop_at, cfg.steps) if cfg.stop_at else cfg.steps
+    bar = tqdm(total=cfg.steps, initial=step, desc="unified", unit="step", disable=rank != 0, dynamic_ncols=True)
+    window, window_steps, window_start = None, 0, time.perf_counter()
+    pad_id = setup.text_tokenizer.pad_id
+    while step < stop:
+        micro = [stream.next_batch(cfg.engine.micro_batch_size, step, pad_id)
+                 for _ in range(cfg.engine.grad_accum_steps)]
+        terms = train_step(engine, micro, setup.vocab)
+        window = terms if window is None else {k: window[k] + terms[k] for k in terms}
+        window_steps += 1
+        step += 1
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == stop:
+            record = reduce_terms(window)  # collective: every rank; means over the window's steps
+            seconds = time.perf_counter() - window_start
+            record.update(lr=ds_engine.current_lr(engine), tokens_per_s=record.pop("tokens") / seconds,
+                          step_s=seconds / window_steps)
+            logger.log(step, record)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            window, window_steps, window_start = None, 0, time.perf_counter()
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+            logger.log(step, run_eval(engine, setup, heldout))
+        if cfg.save_every and step % cfg.save_every == 0 and step < stop:
+            save(engine, checkpoints, step, stream, setup.stats)
+    bar.close()
+    save(engine, checkpoints, step, stream, setup.stats)
+    summary = {"steps": step, "skipped_samples": skip_log.summary(), "sequence_stats": setup.stats.summary(),
+               "passed_over": stream.passed_over, "parameters": params}
+    if step < cfg.steps:
+        print_rank0(f"stopped at step {step} (stop_at); rerun the same command to resume")
+        logger.close()
+        return summary
+    final_eval = run_eval(engine, setup, heldout)
+    logger.log(step, final_eval)
+    logger.close()
+    summary.update(first_eval=first_eval, final_eval=final_eval)
+    state_dict = ds_engine.full_state_dict(engine)  # collective
+    if rank == 0:
+        summary["export"] = str(save_unified(
+            engine.module, setup.vocab, out_dir / "export", text_tokenizer_path=setup.text_path,
+            tokenizer_dir=cfg.data.tokenizer, state_dict=state_dict, overwrite=True,
+            metadata={"steps": step, "preset": cfg.model.preset, "train_config": str(out_dir / "config.yaml")}))
+    return summary
+
+
+def final_metrics(cfg: UnifiedTrainConfig, setup: Setup, summary: dict) -> dict:
+    """Rank 0, after export: reload the export (checks it) and answer held-out questions."""
+    loaded = load_unified(summary["export"])
+    builder = SequenceBuilder(loaded.text_tokenizer, loaded.vocab, cfg.data.max_length)
+    metrics = {"export_hash": loaded.hash, "tokenizer_hash": setup.tokenizer_hash,
+               **{k: v for k, v in summary.items() if k != "export"}, "export": summary["export"]}
+    if cfg.vqa_questions > 0:
+        val = setup.val_source
+        metrics["vqa_greedy"] = greedy_vqa_accuracy(loaded.model, builder, val.codes, val.split,
+                                                    tokenizer_hash=setup.tokenizer_hash,
+                                                    max_questions=cfg.vqa_questions, seed=cfg.seed)
+    return metrics
+
+
+def print_summary(metrics: dict) -> None:
+    first, final = metrics.get("first_eval") or {}, metrics.get("final_eval") or {}
+    for key in sorted(final):
+        start = f"{first[key]:.3f} -> " if key in first else ""
+        print_rank0(f"  held-out {key}: {start}{final[key]:.3f}")
+    if "vqa_greedy" in metrics:
+        vqa = metrics["vqa_greedy"]
+        by_type = ", ".join(f"{k} {v:.1%}" for k, v in vqa["by_type"].items())
+        print_rank0(f"  greedy VQA on val: {vqa['accuracy']:.1%} of {vqa['questions']} ({by_type})")
+    print_rank0(f"  export: {metrics['export']} (hash {metrics['export_hash']})")
+
+
+def run(cfg: UnifiedTrainConfig) -> int:
+    dist = init_distributed()
+    out_dir = Path(cfg.out_dir)
+    setup = Setup(cfg)  # checks paths and hashes before any work
+    if dist.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.yaml")
+    barrier()
+    summary = train(cfg, setup, dist.rank)
+    if dist.is_main and "export" in summary:
+        metrics = final_metrics(cfg, setup, summary)
+        atomic_write_json(out_dir / "metrics.json", metrics)
+        print_summary(metrics)
+    barrier()
+    shutdown_distributed()
+    return 0
+
+
+@cli_entry
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(parser, default="configs/unified/tiny.yaml")
+    add_launcher_args(parser)
+    args = parser.parse_args(argv)
+    cfg = load_config(UnifiedTrainConfig, args.config, args.overrides)
+    sources_of(cfg)  # config errors before the processes connect
+    ds_engine.load_ds_json(cfg.engine.deepspeed_config)
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""KV-cached decoding of left-padded batches: the state machinery the samplers share, and greedy text.
+
+Prompts of different lengths are *left*-padded so every row's next token sits in the last column;
+position ids are counted over real tokens only, so a padded row computes exactly what it would
+alone (up to floating-point summation order). Outputs are constrained to text ids (the
+modality-separated softmax: image ids are never produced outside an image span). Generation stops
+per row at ``<eos>``.
+
+:class:`DecodeState` is what text decoding, text-to-image sampling (``unified_mm.sampling``) and
+chat (``unified_mm.chat``) have in common: a ``transformers.DynamicCache``, the 2D attention mask of
+everything cached, each row's next position id and each row's last hidden state. The logits are
+computed from the hidden state by :func:`head_logits` on *one id range only* (the text ids, or one
+image group): the LM head's cost then scales with the range, not with the whole unified
+vocabulary, and ids outside the range cannot be produced at all.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache, LlamaForCausalLM
+
+from unified_mm.vocab import Vocab
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids (B, P), attention_mask (B, P)) with every prompt right-aligned."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = torch.tensor(list(prompt), dtype=torch.long)
+        mask[row, width - len(prompt):] = 1
+    return ids, mask
+
+
+@dataclass
+class DecodeState:
+    """Everything needed to continue a batch of sequences by one or more tokens."""
+
+    cache: DynamicCache  # per layer keys/values (B, kv_heads, T, head_dim)
+    mask: torch.Tensor  # (B, T) long: 1 on real (cached) tokens, 0 on left padding
+    next_positions: torch.Tensor  # (B,) long: position id of each row's next token
+    hidden: torch.Tensor  # (B, hidden) final-norm hidden state of each row's last token
+
+    @property
+    def rows(self) -> int:
+        return self.mask.shape[0]
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _forward(model: LlamaForCausalLM, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+             cache: DynamicCache) -> torch.Tensor:
+    """Run the decoder body (no LM head) on ids (B, k); returns the last hidden state (B, hidden)."""
+    out = model.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+    return out.last_hidden_state[:, -1]
+
+
+def prefill(model: LlamaForCausalLM, prompts: Sequence[Sequence[int]], pad_id: int) -> DecodeState:
+    """Left-pad and run the prompts once, filling a fresh cache."""
+    device = model_device(model)
+    ids, mask = left_pad(prompts, pad_id)
+    ids, mask = ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, P): real tokens count from 0
+    cache = DynamicCache(config=model.config)
+    hidden = _forward(model, ids, mask, positions, cache)
+    return DecodeState(cache, mask, mask.sum(-1), hidden)
+
+
+def advance(model: LlamaForCausalLM, state: DecodeState, ids: torch.Tensor) -> DecodeState:
+    """Feed ids (B, k) (k new tokens per row, all real) and return the advanced state (the cache is
+    extended in place)."""
+    k = ids.shape[1]
+    mask = torch.cat([state.mask, torch.ones_like(state.mask[:, :1]).expand(-1, k)], dim=1)
+    positions = state.next_positions[:, None] + torch.arange(k, device=ids.device)  # (B, k)
+    hidden = _forward(model, ids, mask, positions, state.cache)
+    return DecodeState(state.cache, mask, state.next_positions + k, hidden)
+
+
+def head_logits(model: LlamaForCausalLM, hidden: torch.Tensor, start: int = 0,
+                end: int | None = None) -> torch.Tensor:
+    """Logits (B, end - start) float32 of ids [start, end) only: rows of the LM head's weight (a
+    contiguous view), so a 2^g-id image group costs 2^g dot products per row, not the vocabulary's.
+    Equals ``model.lm_head(hidden)[:, start:end]`` (LlamaForCausalLM's head is a bias-free Linear)."""
+    weight = model.lm_head.weight[start:end]  # (end - start, hidden)
+    return F.linear(hidden, weight).float()
+
+
+def select_rows(model: LlamaForCausalLM, state: DecodeState, index: torch.Tensor) -> DecodeState:
+    """A new state holding rows ``index`` (R,) of ``state`` (rows may repeat: the cache is copied,
+    so the new rows continue independently of the old state and of each other)."""
+    index = index.to(state.mask.device)
+    data = [(layer.keys.index_select(0, index), layer.values.index_select(0, index))
+            for layer in state.cache.layers]
+    return DecodeState(DynamicCache(data, config=model.config), state.mask.index_select(0, index),
+                       state.next_positions.index_select(0, index), state.hidden.index_select(0, index))
+
+
+def _pad_left(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """Zero-pad ``tensor`` on the left of ``dim`` up to ``width`` (padding is masked out anyway)."""
+    missing = width - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+def concat_states(model: LlamaForCausalLM, states: Sequence[DecodeState]) -> DecodeState:
+    """Stack the rows of several states into one batch; shorter caches are left-padded (masked)."""
+    width = max(s.mask.shape[1] for s in states)
+    data = []
+    for i in range(len(states[0].cache.layers)):
+        keys = torch.cat([_pad_left(s.cache.layers[i].keys, width, 2) for s in states])  # (B, h, T, d)
+        values = torch.cat([_pad_left(s.cache.layers[i].values, width, 2) for s in states])
+        data.append((keys, values))
+    mask = torch.cat([_pad_left(s.mask, width, 1) for s in states])
+    return DecodeState(DynamicCache(data, config=model.config), mask,
+                       torch.cat([s.next_positions for s in states]), torch.cat([s.hidden for s in states]))
+
+
+@torch.inference_mode()
+def greedy_text(model: LlamaForCausalLM, vocab: Vocab, prompts: Sequence[Sequence[int]], *, pad_id: int,
+                eos_id: int, max_new_tokens: int = 32) -> list[list[int]]:
+    """Greedy continuation of each prompt, text ids only, up to and excluding ``<eos>``."""
+    state = prefill(model, prompts, pad_id)
+    outputs: list[list[int]] = [[] for _ in prompts]
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=state.mask.device)
+    for step in range(max_new_tokens):
+        next_ids = head_logits(model, state.hidden, 0, vocab.image_start).argmax(-1)  # (B,) text ids
+        next_ids = torch.where(done, torch.full_like(next_ids, eos_id), next_ids)
+        for row in (~done & (next_ids != eos_id)).nonzero().flatten().tolist():
+            outputs[row].append(int(next_ids[row]))
+        done |= next_ids == eos_id
+        if bool(done.all()) or step + 1 == max_new_tokens:
+            break
+        state = advance(model, state, next_ids[:, None])
+    return outputs
