@@ -458,19 +458,16 @@ class AnswerWriter:
             raise UserError(f"answer file {self.path} is being written by another process") from err
 
     def _load_existing(self) -> None:
+        """Read the finished answers; drop a torn last line only once the file is known to be
+        this model's (another model's file is refused untouched)."""
         self._handle.seek(0)
         data = self._handle.read()
         complete = data[:data.rfind(b"\n") + 1]
-        if len(complete) < len(data):
-            log.warning("%s: dropping a torn last line (%d bytes) left by an interrupted run",
-                        self.path, len(data) - len(complete))
-            self._handle.truncate(len(complete))
-            self._sync()
         try:
             text = complete.decode("utf-8")
         except UnicodeDecodeError as err:
             raise UserError(f"{self.path}: not UTF-8 text ({err}); the answer file is corrupt") from err
-        for number, line in enumerate(text.splitlines(), start=1):
+        for number, line in enumerate(text.split("\n")[:-1], start=1):
             if not line.strip():
                 continue
             where = f"{self.path}:{number}"
@@ -486,6 +483,11 @@ class AnswerWriter:
                 raise UserError(f"{where}: question {record['question_id']!r} is answered twice")
             self.done.add(record["question_id"])
         self.resumed = len(self.done)
+        if len(complete) < len(data):
+            log.warning("%s: dropping a torn last line (%d bytes) left by an interrupted run",
+                        self.path, len(data) - len(complete))
+            self._handle.truncate(len(complete))
+            self._sync()
 
     def is_done(self, question_id: Hashable) -> bool:
         return question_id in self.done

@@ -5,8 +5,9 @@ so the demo exercises the real entry points (and their launchers) rather than a 
 Steps so far: data generation -> text tokenizer -> 2-process DeepSpeed ZeRO run of a tiny Llama
 (save, reload, consolidate) -> QLIP tokenizer stage 1 and stage 2 (2 processes each, with
 validation metrics) -> precompute image codes -> unified model (2 processes, mixed tasks, export,
-held-out losses and greedy VQA). Later stages (evaluation, samples, report) are appended to
-STEPS as they land.
+held-out losses and greedy VQA) -> evaluation of every task on the test split (``eval.run``:
+zero-shot, reconstruction, VQA, captioning, text-to-image with and without CFG, with sample grids)
+-> ``runs/demo/report.md``: this run's step table followed by the evaluation report.
 
     python scripts/demo.py [--out runs/demo] [--only data,text_tokenizer]
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -85,6 +87,20 @@ def unified_report(out: Path) -> str:
     return f"held-out loss {losses}; greedy VQA {vqa.get('accuracy', float('nan')):.1%}"
 
 
+def eval_report(out: Path) -> str:
+    tasks = read_json(out / "eval" / "results.json")["tasks"]
+    scores = {name: task.get("scores", {}) for name, task in tasks.items()}
+    t2i = scores.get("t2i", {})
+    cfg_keys = sorted(k for k in t2i if k.startswith("cfg_"))
+    parts = [f"zero-shot {scores['zero_shot']['accuracy']:.1%}" if "zero_shot" in scores else "",
+             f"PSNR {scores['reconstruction']['psnr_db']:.1f} dB" if "reconstruction" in scores else "",
+             f"VQA {scores['vqa']['soft_accuracy']:.1%}" if "vqa" in scores else "",
+             f"CIDEr-D {scores['caption']['cider_d']:.2f}" if "caption" in scores else "",
+             "T2I whole-prompt " + ", ".join(f"{k.replace('cfg_', 'CFG ')}: {t2i[k]['whole']:.1%}" for k in cfg_keys)
+             if cfg_keys else ""]
+    return ", ".join(p for p in parts if p)
+
+
 def torchrun(script: str, *args: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
             "--master_port", str(find_free_port()), script, *args]
@@ -125,7 +141,28 @@ STEPS = [
                               f"data.val={{codes: {out / 'codes'}, split: val}}",
                               f"out_dir={out / 'unified'}", "resume=false"),
          unified_report),
+    Step("eval", "evaluate every task on the test split (answers, scores, sample grids)",
+         lambda out: [sys.executable, "-m", "eval.run", "--model", str(out / "unified" / "export"),
+                      "--tokenizer", str(out / "tokenizer_stage1" / "export"), "--data", str(out / "data"),
+                      "--codes", str(out / "codes"), "--split", "test", "--tasks", "all", "--limit", "200",
+                      "--vqa-per-image", "1", "--out", str(out / "eval")],
+         eval_report),
 ]
+
+
+def write_report(out: Path, summary: dict) -> Path:
+    """``report.md``: the demo's step table, then the evaluation report (figures linked from eval/)."""
+    lines = ["# make demo report", "", f"Total wall time: {summary['seconds']:.0f} s on this machine.", "",
+             "| step | seconds | result |", "|---|---|---|"]
+    lines += [f"| {r['step']} | {r['seconds']:.1f} | {r['result']} |" for r in summary["steps"]]
+    eval_report_path = out / "eval" / "report.md"
+    if eval_report_path.is_file():
+        body = eval_report_path.read_text(encoding="utf-8")
+        body = re.sub(r"\]\((?!https?:)([^)]+)\)", lambda m: f"](eval/{m.group(1)})", body)  # links relative to out/
+        lines += ["", body]
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
 
 
 def run_step(step: Step, out: Path, index: int, total: int) -> dict:
@@ -166,11 +203,13 @@ def main() -> int:
     total = time.perf_counter() - start
     summary = {"out": str(out), "seconds": round(total, 1), "steps": results}
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    report = write_report(out, summary)
 
     print(f"\n=== demo finished in {total:.0f} s; outputs in {out}")
     for r in results:
         print(f"  {r['step']:<15} {r['seconds']:>7.1f} s  {r['result']}")
     print(f"  summary: {out / 'demo_summary.json'}")
+    print(f"  report:  {report}")
     return 0
 
 

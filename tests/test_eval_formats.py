@@ -57,7 +57,8 @@ def test_vqav2_errors_name_file_and_field(tmp_path):
     annotations = vqa_annotations()
     annotations["annotations"][0]["answers"][3] = {"answer": None}
     with pytest.raises(UserError, match=r"a\.json: annotations\[0\]\.answers\[3\]\.answer: expected a string"):
-        formats.read_vqav2(write_json(tmp_path / "q2.json", VQA_QUESTIONS), write_json(tmp_path / "a.json", annotations))
+        formats.read_vqav2(write_json(tmp_path / "q2.json", VQA_QUESTIONS),
+                           write_json(tmp_path / "a.json", annotations))
     annotations = vqa_annotations()
     annotations["annotations"].pop()
     with pytest.raises(UserError, match="no annotation for question 70"):
@@ -121,11 +122,13 @@ def test_geneval_jsonl_real_and_shapesworld_spellings(tmp_path):
 
 
 @pytest.mark.parametrize("line, message", [
-    ({"tag": "t", "include": [{"class": "cat", "count": 0}], "prompt": "p"}, r":1\.include\[0\]\.count: expected a positive"),
+    ({"tag": "t", "include": [{"class": "cat", "count": 0}], "prompt": "p"},
+     r":1\.include\[0\]\.count: expected a positive"),
     ({"tag": "t", "include": [{"class": "cat", "hue": "red"}], "prompt": "p"}, r"unknown field 'hue'"),
     ({"tag": "t", "include": [], "prompt": "p"}, r"include: empty"),
     ({"tag": "t", "include": [{"class": "cat"}]}, r":1: missing field 'prompt'"),
-    ({"tag": "t", "include": [{"class": "cat", "position": 3}], "prompt": "p"}, r"position: expected a position name"),
+    ({"tag": "t", "include": [{"class": "cat", "position": 3}], "prompt": "p"},
+     r"position: expected a position name"),
 ])
 def test_geneval_errors(tmp_path, line, message):
     path = tmp_path / "prompts.jsonl"
@@ -159,7 +162,8 @@ def test_llava_json_conversations(tmp_path, image_root):
     data = [{"id": "000000033471", "image": "coco/train2017/000000033471.jpg",
              "conversations": [{"from": "human", "value": "<image>\nWhat are the colors of the bus?"},
                                {"from": "gpt", "value": "The bus is white and red."}]},
-            {"id": "text-only", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}]
+            {"id": "text-only",
+             "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}]
     samples = formats.read_llava_json(write_json(tmp_path / "llava.json", data), image_root)
     assert samples[0].images == (image_root / "coco" / "train2017" / "000000033471.jpg",)
     assert samples[0].conversations[1] == ("gpt", "The bus is white and red.")
@@ -191,8 +195,10 @@ def test_llava_json_errors(tmp_path, image_root):
 def test_llava_question_jsonl(tmp_path, image_root):
     path = tmp_path / "llava_pope_test.jsonl"
     path.write_text("\n".join(json.dumps(q) for q in [
-        {"question_id": 1, "image": "a.png", "text": "Is there a dog in the image?", "label": "no", "category": "adversarial"},
-        {"question_id": 2, "image": "a.png", "text": "Is there a bus in the image?", "label": "yes", "category": "adversarial"},
+        {"question_id": 1, "image": "a.png", "text": "Is there a dog in the image?", "label": "no",
+         "category": "adversarial"},
+        {"question_id": 2, "image": "a.png", "text": "Is there a bus in the image?", "label": "yes",
+         "category": "adversarial"},
     ]) + "\n")
     questions = formats.read_llava_questions(path, image_root)
     assert [q.question_id for q in questions] == [1, 2]
@@ -239,9 +245,13 @@ def test_resumed_answer_file_equals_uninterrupted_run(tmp_path):
 
 def test_answer_file_from_another_model_is_refused(tmp_path):
     run_eval(tmp_path / "answers.jsonl", stop_after=1)
+    with open(tmp_path / "answers.jsonl", "ab") as handle:
+        handle.write(b'{"question_id": 1, "pro')                      # torn line: left as it is
+    before = (tmp_path / "answers.jsonl").read_bytes()
     with pytest.raises(UserError, match=r"answer file from another model: .*answers\.jsonl:1 has model_id "
                                         r"'tiny-unified@abc123', this run's model is 'other@def456'"):
         formats.AnswerWriter(tmp_path / "answers.jsonl", "other@def456")
+    assert (tmp_path / "answers.jsonl").read_bytes() == before
 
 
 def test_answer_writer_guards(tmp_path):
@@ -255,6 +265,7 @@ def test_answer_writer_guards(tmp_path):
     path.write_text(path.read_text() + "not json\n")
     with pytest.raises(UserError, match=r"answers\.jsonl:2: invalid JSON .* corrupt"):
         formats.AnswerWriter(path, "m")
-    path.write_text(json.dumps({"question_id": 1, "prompt": "p", "text": "t", "model_id": "m", "metadata": {}}) + "\n")
+    no_answer_id = {"question_id": 1, "prompt": "p", "text": "t", "model_id": "m", "metadata": {}}
+    path.write_text(json.dumps(no_answer_id) + "\n")
     with pytest.raises(UserError, match=r":1: missing field 'answer_id'"):
         formats.read_answer_file(path)

@@ -202,7 +202,8 @@ def test_ssim_matches_windowwise_reference_and_is_symmetric():
     rng = np.random.default_rng(0)
     a = rng.integers(0, 256, (14, 13, 3), dtype=np.uint8)
     b = np.clip(a.astype(int) + rng.integers(-40, 41, a.shape), 0, 255).astype(np.uint8)
-    expected = np.mean([_reference_ssim(a[..., c].astype(float), b[..., c].astype(float), 255.0) for c in range(3)])
+    expected = np.mean([_reference_ssim(a[..., c].astype(float), b[..., c].astype(float), 255.0)
+                        for c in range(3)])
     assert image.ssim(a, b) == pytest.approx(expected, rel=1e-9)
     assert image.ssim(a, b) == pytest.approx(image.ssim(b, a), rel=1e-12)
     assert image.ssim(a, b) == pytest.approx(image.ssim(a / 255.0, b / 255.0), rel=1e-9)  # C scales with L
@@ -338,7 +339,8 @@ def test_prompt_records_group_counts_and_round_trip(tmp_path):
     short = geneval.prompt_from_meta(meta, "short")
     assert short.include == [{"class": "circle", "count": 2, "color": "red"}] and short.tag == "short:2"
     long = geneval.prompt_from_meta(meta, "long")
-    assert long.include[1] == {"class": "circle", "count": 1, "color": "red", "size": "large", "position": "center"}
+    assert long.include[1] == {"class": "circle", "count": 1, "color": "red", "size": "large",
+                               "position": "center"}
     write_geneval_jsonl(tmp_path / "prompts.jsonl", [short, long])
     assert read_geneval_jsonl(tmp_path / "prompts.jsonl") == [short, long]
     assert len(geneval.requirements_for(short, ShapesWorldConfig())) == 2

@@ -12,7 +12,7 @@ from sampling_env import make_export
 from unified_mm import sample_cli
 from unified_mm.export import load_unified
 from unified_mm.generate import advance, concat_states, head_logits, prefill, select_rows
-from unified_mm.sampling import (SamplerSettings, draw, filter_logits, make_generators, sample_images)
+from unified_mm.sampling import SamplerSettings, draw, filter_logits, make_generators, sample_images
 from unified_mm.sequence import SequenceBuilder
 
 PROMPTS = ["a red circle", "draw a green triangle in the top left", "red", "a blue square"]
@@ -149,7 +149,8 @@ def test_filter_logits_keeps_exactly_the_hand_computed_sets():
     # kept logits are unchanged, rows are filtered independently
     two = torch.cat([logits, logits.flip(-1)])
     out = filter_logits(two, top_k=2)
-    assert torch.equal(out[0, [1, 3]], logits[0, [1, 3]]) and set(torch.isfinite(out[1]).nonzero().flatten().tolist()) == {1, 3}
+    assert torch.equal(out[0, [1, 3]], logits[0, [1, 3]])
+    assert set(torch.isfinite(out[1]).nonzero().flatten().tolist()) == {1, 3}
 
 
 def test_draw_only_returns_kept_ids_and_follows_the_distribution():

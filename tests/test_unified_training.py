@@ -27,21 +27,25 @@ def env(tmp_path_factory):
     return make_unified_env(tmp_path_factory.mktemp("unified"))
 
 
-def command(env, out_dir, *extra, procs=1):
+def command(env, out_dir, *extra, procs=1, launcher="torchrun"):
     args = ["--config", "configs/unified/tiny.yaml", f"out_dir={out_dir}", f"data.tokenizer={env['tokenizer']}",
             f"data.sources=[{{codes: {env['codes']}, split: train}}]", f"data.val={{codes: {env['codes']}, split: val}}",
             *TINY, *extra]
     if procs == 1:
         return [sys.executable, "train/unified.py", *args]
+    if launcher == "deepspeed":
+        return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(procs),
+                "--master_port", str(find_free_port()), "train/unified.py", *args]
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs),
             "--master_port", str(find_free_port()), "train/unified.py", *args]
 
 
-def train(env, out_dir, *extra, procs=1, expect_ok=True):
+def train(env, out_dir, *extra, procs=1, expect_ok=True, launcher="torchrun"):
     run_env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(Path(out_dir).parent)}
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         run_env.pop(var, None)
-    result = subprocess.run(command(env, out_dir, *extra, procs=procs), cwd=ROOT, env=run_env,
+    run_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), run_env.get("PYTHONPATH")]))
+    result = subprocess.run(command(env, out_dir, *extra, procs=procs, launcher=launcher), cwd=ROOT, env=run_env,
                             capture_output=True, text=True, timeout=400)
     if expect_ok:
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
@@ -68,10 +72,11 @@ def test_resume_continues_with_the_same_data_and_losses(env, tmp_path):
     assert metrics["final_eval"] == json.loads((tmp_path / "continuous" / "metrics.json").read_text())["final_eval"]
 
 
-@pytest.mark.parametrize("zero", [2, 3])
-def test_two_process_zero_run_trains_and_exports(env, tmp_path, zero):
+@pytest.mark.parametrize("zero, launcher", [(2, "torchrun"), (3, "deepspeed")])
+def test_two_process_zero_run_trains_and_exports(env, tmp_path, zero, launcher):
     out = tmp_path / f"zero{zero}"
-    train(env, out, "steps=4", f"engine.deepspeed_config=configs/deepspeed/zero{zero}.json", procs=2)
+    train(env, out, "steps=4", f"engine.deepspeed_config=configs/deepspeed/zero{zero}.json", procs=2,
+          launcher=launcher)
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["final_eval"]) == {f"eval/{t}" for t in ("vqa", "caption", "chat", "t2i", "text")}
     assert metrics["vqa_greedy"]["questions"] == 8

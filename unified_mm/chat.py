@@ -43,6 +43,11 @@ class ChatReply(NamedTuple):
     ids: list[int]  # generated ids, [<boi> img <eoi>] text, without the final <eos>
 
 
+class _ImageStep(NamedTuple):
+    codes: torch.Tensor  # (N, G) long, on the CPU
+    state: DecodeState  # the conditional row after <eoi>
+
+
 class ChatSession:
     """A conversation with one exported unified model (``unified_mm.export.load_unified``)."""
 
@@ -100,7 +105,8 @@ class ChatSession:
         return reply
 
     def _fit(self, turns: list[Turn], max_new_tokens: int) -> list[int]:
-        """The prompt, dropping the oldest user/assistant pairs until the reply has room."""
+        """The prompt, dropping the oldest user/assistant pairs (from the history too: the session
+        forgets them) until ``max_new_tokens`` more fit in the model's context."""
         while True:
             prompt = self.builder.chat_prompt(turns)
             if len(prompt) + max_new_tokens <= self.context:
@@ -130,9 +136,8 @@ class ChatSession:
             return int(logits.argmax(-1))
         return int(draw(logits, self.settings, [self.generator]))
 
-    def _image(self, state: DecodeState) -> tuple[torch.Tensor, DecodeState]:
-        """``state`` ends with ``<boi>``: sample the span, feed its last id and ``<eoi>``.
-        Returns codes (N, G) and the conditional state after ``<eoi>``."""
+    def _image(self, state: DecodeState) -> _ImageStep:
+        """``state`` ends with ``<boi>``: sample the span, then feed its last id and ``<eoi>``."""
         uncond = unconditional_prefix(self.model, self.builder, self.settings)
         span = sample_span(self.model, self.vocab, with_unconditional(self.model, state, uncond), 1,
                            self.settings, [self.generator])
@@ -140,11 +145,12 @@ class ChatSession:
         ids = codes_to_span_ids(self.vocab, span.codes)  # (1, N·G)
         tail = torch.tensor([[int(ids[0, -1]), self.tok.eoi_id]], device=ids.device)
         codes = span.codes[0].view(self.vocab.num_patches, self.vocab.num_groups).cpu()
-        return codes, advance(self.model, cond, tail)
+        return _ImageStep(codes, advance(self.model, cond, tail))
 
     @torch.inference_mode()
     def _reply(self, prompt: list[int], greedy: bool, max_new_tokens: int) -> ChatReply:
-        state = prefill(self.model, [prompt], self.tok.pad_id)
+        reserve = max_new_tokens + self.vocab.tokens_per_image + 2  # text, or <boi> img <eoi> and text
+        state = prefill(self.model, [prompt], self.tok.pad_id, reserve=reserve)
         ids: list[int] = []
         text_ids: list[int] = []
         codes = None

@@ -21,6 +21,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, LlamaForCausalLM
+from transformers.cache_utils import DynamicLayer
 
 from unified_mm.vocab import Vocab
 
@@ -36,6 +37,66 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tenso
         ids[row, width - len(prompt):] = torch.tensor(list(prompt), dtype=torch.long)
         mask[row, width - len(prompt):] = 1
     return ids, mask
+
+
+class BufferedLayer(DynamicLayer):
+    """A ``DynamicLayer`` that writes into a preallocated buffer instead of concatenating.
+
+    ``DynamicLayer.update`` copies the whole cache every step (``torch.cat``), O(T²) bytes over a
+    span; here each step writes only its new keys/values and ``keys``/``values`` are views of the
+    filled part (grown by doubling when the reserve runs out). Everything else (masks, lengths,
+    row selection) is inherited: the views have the shapes a ``DynamicLayer`` would have.
+    """
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = capacity
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        batch, heads, _, dim = key_states.shape
+        self.key_buffer = key_states.new_empty(batch, heads, self.capacity, dim)
+        self.value_buffer = value_states.new_empty(batch, value_states.shape[1], self.capacity,
+                                                   value_states.shape[-1])
+        self.length = 0
+        self.keys, self.values = self.key_buffer[:, :, :0], self.value_buffer[:, :, :0]
+        self.is_initialized = True
+
+    def _grow(self, needed: int) -> None:
+        self.capacity = max(needed, 2 * self.capacity)
+        for name in ("key_buffer", "value_buffer"):
+            old = getattr(self, name)
+            new = old.new_empty(*old.shape[:2], self.capacity, old.shape[-1])
+            new[:, :, : self.length] = old[:, :, : self.length]
+            setattr(self, name, new)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        if end > self.capacity:
+            self._grow(end)
+        self.key_buffer[:, :, self.length: end] = key_states
+        self.value_buffer[:, :, self.length: end] = value_states
+        self.length = end
+        self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
+        return self.keys, self.values
+
+
+def new_cache(model: LlamaForCausalLM, capacity: int,
+              data: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None) -> DynamicCache:
+    """A ``DynamicCache`` of :class:`BufferedLayer` s reserving ``capacity`` positions, optionally
+    filled with per-layer (keys, values) (B, kv_heads, T, head_dim)."""
+    cache = DynamicCache(config=model.config)
+    cache.layers = [BufferedLayer(capacity) for _ in cache.layers]
+    for layer, (keys, values) in zip(cache.layers, data or ()):
+        layer.update(keys, values)
+    return cache
+
+
+def cache_capacity(cache: DynamicCache) -> int:
+    return max(getattr(layer, "capacity", 0) for layer in cache.layers)
 
 
 @dataclass
@@ -63,13 +124,15 @@ def _forward(model: LlamaForCausalLM, ids: torch.Tensor, mask: torch.Tensor, pos
     return out.last_hidden_state[:, -1]
 
 
-def prefill(model: LlamaForCausalLM, prompts: Sequence[Sequence[int]], pad_id: int) -> DecodeState:
-    """Left-pad and run the prompts once, filling a fresh cache."""
+def prefill(model: LlamaForCausalLM, prompts: Sequence[Sequence[int]], pad_id: int,
+            reserve: int = 0) -> DecodeState:
+    """Left-pad and run the prompts once, filling a fresh cache with room for ``reserve`` more
+    tokens per row (it grows past that if needed)."""
     device = model_device(model)
     ids, mask = left_pad(prompts, pad_id)
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, P): real tokens count from 0
-    cache = DynamicCache(config=model.config)
+    cache = new_cache(model, ids.shape[1] + reserve)
     hidden = _forward(model, ids, mask, positions, cache)
     return DecodeState(cache, mask, mask.sum(-1), hidden)
 
@@ -99,7 +162,7 @@ def select_rows(model: LlamaForCausalLM, state: DecodeState, index: torch.Tensor
     index = index.to(state.mask.device)
     data = [(layer.keys.index_select(0, index), layer.values.index_select(0, index))
             for layer in state.cache.layers]
-    return DecodeState(DynamicCache(data, config=model.config), state.mask.index_select(0, index),
+    return DecodeState(new_cache(model, cache_capacity(state.cache), data), state.mask.index_select(0, index),
                        state.next_positions.index_select(0, index), state.hidden.index_select(0, index))
 
 
@@ -122,7 +185,8 @@ def concat_states(model: LlamaForCausalLM, states: Sequence[DecodeState]) -> Dec
         values = torch.cat([_pad_left(s.cache.layers[i].values, width, 2) for s in states])
         data.append((keys, values))
     mask = torch.cat([_pad_left(s.mask, width, 1) for s in states])
-    return DecodeState(DynamicCache(data, config=model.config), mask,
+    reserve = max(cache_capacity(s.cache) - s.mask.shape[1] for s in states)
+    return DecodeState(new_cache(model, width + reserve, data), mask,
                        torch.cat([s.next_positions for s in states]), torch.cat([s.hidden for s in states]))
 
 
@@ -130,7 +194,7 @@ def concat_states(model: LlamaForCausalLM, states: Sequence[DecodeState]) -> Dec
 def greedy_text(model: LlamaForCausalLM, vocab: Vocab, prompts: Sequence[Sequence[int]], *, pad_id: int,
                 eos_id: int, max_new_tokens: int = 32) -> list[list[int]]:
     """Greedy continuation of each prompt, text ids only, up to and excluding ``<eos>``."""
-    state = prefill(model, prompts, pad_id)
+    state = prefill(model, prompts, pad_id, reserve=max_new_tokens)
     outputs: list[list[int]] = [[] for _ in prompts]
     done = torch.zeros(len(prompts), dtype=torch.bool, device=state.mask.device)
     for step in range(max_new_tokens):

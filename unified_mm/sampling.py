@@ -190,7 +190,8 @@ def unconditional_prefix(model: LlamaForCausalLM, builder: SequenceBuilder,
     """The prefilled unconditional prompt (batch 1), or None when ``cfg_scale`` is 1."""
     if settings.cfg_scale == 1:
         return None
-    return prefill(model, [builder.generation_prompt("")], builder.text_tokenizer.pad_id)
+    return prefill(model, [builder.generation_prompt("")], builder.text_tokenizer.pad_id,
+                   reserve=builder.vocab.tokens_per_image)
 
 
 def codes_to_span_ids(vocab: Vocab, codes: torch.Tensor) -> torch.Tensor:
@@ -248,10 +249,10 @@ def _jobs(prompts: Sequence[str], n_per_prompt: int, settings: SamplerSettings,
 
 
 def _conditional_state(model: LlamaForCausalLM, prompt_ids: dict[str, list[int]], jobs: Sequence[_Job],
-                       pad_id: int) -> DecodeState:
+                       pad_id: int, reserve: int) -> DecodeState:
     """Prefill each distinct prompt of the batch once, then copy its cache to each of its rows."""
     distinct = list(dict.fromkeys(job.prompt for job in jobs))
-    state = prefill(model, [prompt_ids[p] for p in distinct], pad_id)
+    state = prefill(model, [prompt_ids[p] for p in distinct], pad_id, reserve=reserve)
     index = torch.tensor([distinct.index(job.prompt) for job in jobs])
     if index.tolist() == list(range(len(distinct))):
         return state
@@ -277,7 +278,8 @@ def sample_images(model: LlamaForCausalLM, vocab: Vocab, builder: SequenceBuilde
     results: list[SampledImage] = []
     for first in range(0, len(jobs), batch_size):
         chunk = jobs[first: first + batch_size]
-        state = with_unconditional(model, _conditional_state(model, prompt_ids, chunk, pad_id), uncond)
+        cond = _conditional_state(model, prompt_ids, chunk, pad_id, vocab.tokens_per_image)
+        state = with_unconditional(model, cond, uncond)  # (B or 2B rows)
         generators = make_generators([job.seed for job in chunk], device)
         codes = sample_span(model, vocab, state, len(chunk), settings, generators, progress).codes.cpu()
         ids = codes_to_span_ids(vocab, codes)  # (B, N·G)

@@ -7,7 +7,8 @@ Shared by tokenizer training (its end-of-run evaluation) and the evaluation harn
 * ``judge_recon_acc``: fraction of reconstructions in which the pixel analyser recovers exactly the
   ground-truth objects: the ceiling for text-to-image through this tokenizer.
 * ``zero_shot_acc``: single-object images classified among every colour x shape prompt
-  (``"a red circle"``), i.e. colour+shape must both be right.
+  (``"a red circle"``), i.e. colour+shape must both be right. ``templates`` gives a CLIP-style
+  prompt ensemble instead (each class embedding is the mean over its prompts).
 * ``code_entropy_fraction``: empirical entropy of the hard codes over all evaluated tokens, summed
   over groups, divided by the number of bits (the maximum).
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 from itertools import islice
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -32,6 +34,9 @@ from unified_mm.data.pixels import image_to_pixels, pixels_to_images
 from unified_mm.data.shards import ShardDataset, resolve_shards
 
 
+DEFAULT_TEMPLATES = ("a {colour} {shape}",)
+
+
 def data_config(data_dir: str | Path) -> ShapesWorldConfig:
     """The generator config saved with a ShapesWorld dataset (defaults when absent)."""
     path = Path(data_dir) / "config.yaml"
@@ -45,8 +50,9 @@ def colour_shape_classes(cfg: ShapesWorldConfig) -> list[tuple[str, str]]:
 @torch.no_grad()
 def evaluate_tokenizer(model: QLIP, text_tokenizer: TextTokenizer | None, data_dir: str | Path,
                        split: str = "val", max_images: int = 1000, batch_size: int = 100,
-                       progress: bool = True) -> dict:
-    """Metrics of ``model`` on the first ``max_images`` images of a split (see module doc)."""
+                       progress: bool = True, templates: Sequence[str] = DEFAULT_TEMPLATES) -> dict:
+    """Metrics of ``model`` on the first ``max_images`` images of a split (see module doc).
+    ``templates``: zero-shot prompt templates with ``{colour}`` and ``{shape}`` fields."""
     model.eval()
     world = data_config(data_dir)
     # every sample on this process even inside a distributed run (rank 0 evaluates alone)
@@ -54,7 +60,8 @@ def evaluate_tokenizer(model: QLIP, text_tokenizer: TextTokenizer | None, data_d
     classes = colour_shape_classes(world)
     class_embeds = None
     if model.text is not None and text_tokenizer is not None:
-        class_embeds = class_embeddings(model, text_tokenizer, [[f"a {c} {s}"] for c, s in classes])
+        prompts = [[t.format(colour=c, shape=s) for t in templates] for c, s in classes]
+        class_embeds = class_embeddings(model, text_tokenizer, prompts)
     psnr_sum, group_indices, judged, zero_shot = 0.0, [], [], []
     batches = range(0, len(samples), batch_size)
     for start in tqdm(batches, desc=f"eval tokenizer on {split}", disable=not progress, unit="batch"):

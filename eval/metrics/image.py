@@ -18,11 +18,12 @@ Feature networks (:func:`load_feature_network`) come in two formats:
   ``config.json`` and ``model.safetensors`` for :class:`ConvFeatureNet`. ``config.json``:
   ``{"format": "conv-feature-net", "in_channels": 3, "channels": [16, 32], "kernel_size": 3,
   "input_size": 32, "input_scale": 1.0}``; the state dict must match the architecture exactly.
-* **TorchScript** (``.pt`` / ``.torchscript`` / ``.ts`` file, e.g. the Inception-v3 export many FID
-  tools use): loaded with ``torch.jit.load``, which does not go through Python's ``pickle``: it
-  reads a TorchScript archive whose data records are decoded by TorchScript's own restricted
-  unpickler (tensors and a fixed set of types, no arbitrary Python callables). The archive's
-  TorchScript program *is* executed at forward time, so load only files you trust as code.
+* **TorchScript** (a ``.pt``, ``.pth``, ``.torchscript``, ``.ts`` or ``.jit`` file, e.g. the
+  Inception-v3 export several FID tools use): loaded with ``torch.jit.load``, which does not go
+  through Python's ``pickle``: it reads a TorchScript archive whose data records are decoded by
+  TorchScript's own restricted unpickler (tensors and a fixed set of types, no arbitrary Python
+  callables); a plain ``torch.save`` checkpoint is refused. The archive's TorchScript program *is*
+  executed at forward time, so load only files you trust as code.
   (PyTorch 2.13 marks TorchScript deprecated; loading still works, and the warning is silenced.)
 
 Every network receives float images ``[N, 3, H, W]`` with values in ``[0, input_scale]`` (1.0, or
