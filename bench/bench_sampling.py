@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -129,17 +130,24 @@ def run_ours(loaded, builder, prompts: list[str], settings: SamplerSettings) -> 
     return torch.tensor([s.ids[:-1] for s in samples])
 
 
-def timed(fn, device: torch.device, repeats: int) -> float:
-    """Median seconds of ``repeats`` calls after one warm-up call."""
-    fn()
-    times = []
+class PairTimes(NamedTuple):
+    first_s: float
+    second_s: float
+
+
+def timed_pair(first, second, device: torch.device, repeats: int) -> PairTimes:
+    """Median seconds of each function over ``repeats`` alternating calls (after one warm-up call
+    each): on a shared machine, load changes hit both sides alike instead of one of them."""
+    first(), second()
+    times: tuple[list[float], list[float]] = ([], [])
     for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for fn, out in ((first, times[0]), (second, times[1])):
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            out.append(time.perf_counter() - start)
+    return PairTimes(statistics.median(times[0]), statistics.median(times[1]))
 
 
 def step_bytes(model, vocab: Vocab, rows: int, prompt_len: float) -> float:
@@ -157,8 +165,8 @@ def step_bytes(model, vocab: Vocab, rows: int, prompt_len: float) -> float:
 def bench_batch(loaded, builder, batch: int, settings: SamplerSettings, repeats: int, bandwidth: float) -> dict:
     device = next(loaded.model.parameters()).device
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
-    ours_s = timed(lambda: run_ours(loaded, builder, prompts, settings), device, repeats)
-    hf_s = timed(lambda: run_generate(loaded, builder, prompts, settings, greedy=False), device, repeats)
+    ours_s, hf_s = timed_pair(lambda: run_ours(loaded, builder, prompts, settings),
+                              lambda: run_generate(loaded, builder, prompts, settings, greedy=False), device, repeats)
     greedy = SamplerSettings(temperature=0, cfg_scale=settings.cfg_scale)
     agree = (run_ours(loaded, builder, prompts, greedy).to(device)
              == run_generate(loaded, builder, prompts, greedy, greedy=True)).float().mean().item()

@@ -44,8 +44,9 @@ class BufferedLayer(DynamicLayer):
 
     ``DynamicLayer.update`` copies the whole cache every step (``torch.cat``), O(T²) bytes over a
     span; here each step writes only its new keys/values and ``keys``/``values`` are views of the
-    filled part (grown by doubling when the reserve runs out). Everything else (masks, lengths,
-    row selection) is inherited: the views have the shapes a ``DynamicLayer`` would have.
+    filled part (grown by doubling when the reserve runs out). Lengths and mask sizes are
+    inherited (the views have the shapes a ``DynamicLayer``'s tensors would have); the inherited
+    row selection / cropping ops are followed by re-buffering their result.
     """
 
     def __init__(self, capacity: int):
@@ -82,6 +83,31 @@ class BufferedLayer(DynamicLayer):
         self.length = end
         self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
         return self.keys, self.values
+
+
+    def _adopt(self) -> None:
+        """Re-buffer ``keys``/``values`` after an inherited op replaced them."""
+        if self.is_initialized and self.keys is not None:
+            keys, values = self.keys, self.values
+            self.is_initialized = False
+            self.capacity = max(self.capacity, keys.shape[-2])
+            self.update(keys, values)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._adopt()
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self._adopt()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self._adopt()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
+        self._adopt()
 
 
 def new_cache(model: LlamaForCausalLM, capacity: int,
@@ -137,13 +163,25 @@ def prefill(model: LlamaForCausalLM, prompts: Sequence[Sequence[int]], pad_id: i
     return DecodeState(cache, mask, mask.sum(-1), hidden)
 
 
+def _attention_mask(model: LlamaForCausalLM, mask: torch.Tensor, k: int) -> torch.Tensor:
+    """What the model gets as ``attention_mask`` for ``k`` new tokens over ``mask`` (B, T).
+
+    One new token under SDPA: the ready 4D boolean mask (B, 1, 1, T), which transformers passes
+    through as is (a single query needs no causal part), saving its mask construction on every
+    decode step. Otherwise the 2D mask, from which transformers builds the causal one.
+    """
+    if k == 1 and getattr(model.config, "_attn_implementation", None) == "sdpa":
+        return mask.bool()[:, None, None, :]
+    return mask
+
+
 def advance(model: LlamaForCausalLM, state: DecodeState, ids: torch.Tensor) -> DecodeState:
     """Feed ids (B, k) (k new tokens per row, all real) and return the advanced state (the cache is
     extended in place)."""
     k = ids.shape[1]
     mask = torch.cat([state.mask, torch.ones_like(state.mask[:, :1]).expand(-1, k)], dim=1)
     positions = state.next_positions[:, None] + torch.arange(k, device=ids.device)  # (B, k)
-    hidden = _forward(model, ids, mask, positions, state.cache)
+    hidden = _forward(model, ids, _attention_mask(model, mask, k), positions, state.cache)
     return DecodeState(state.cache, mask, state.next_positions + k, hidden)
 
 

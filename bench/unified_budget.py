@@ -1,0 +1,163 @@
+"""Bench tool (not a trainer): how the unified model's held-out VQA accuracy grows with training steps.
+
+    python bench/unified_budget.py --codes runs/demo/codes --tokenizer runs/demo/tokenizer_stage2/export \\
+        --variants mix_2k,mix_6k --device cuda --out runs/unified_budget
+
+The CPU demo trains the tiny unified model for a few hundred steps; this runs the same model,
+data stream (``MixedTaskStream``), templates and modality-separated loss for many more steps in a
+plain single-process PyTorch loop (bf16 autocast on CUDA), so a GPU box without DeepSpeed can
+answer "how many steps does VQA need?". Variants run as parallel subprocesses (``--jobs``).
+Accuracy is exact match of the *teacher-forced* argmax over text ids at every answer position
+(answer tokens and ``<eos>``): it equals greedy decoding's exact match, since greedy output is the
+truth iff every step's argmax given the true prefix is the true token — and it needs one forward
+per batch and no KV cache. Rows go to ``<out>/budget.jsonl`` as variants finish, and every
+``--eval-every`` point of each variant's curve to ``<out>/budget_curve.jsonl`` as it is measured
+(a first GPU attempt with a hard time limit lost every row because nothing was written until the end).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from mmcore.text_tokenizer import TextTokenizer  # noqa: E402
+from tokenizer.export import tokenizer_hash  # noqa: E402
+from train.optim import WarmupCosine  # noqa: E402
+from unified_mm.data.mixture import MixedTaskStream, MixtureConfig, SourceConfig  # noqa: E402
+from unified_mm.loss import modality_token_losses  # noqa: E402
+from unified_mm.model import UnifiedModelConfig, build_model  # noqa: E402
+from unified_mm.sequence import IGNORE_INDEX, SequenceBuilder, collate  # noqa: E402
+from unified_mm.tokenizer_cli import read_manifest, read_precomputed  # noqa: E402
+from unified_mm.vocab import Vocab  # noqa: E402
+
+DEMO_MIX = {"vqa": 6.0, "caption": 1.0, "chat": 1.0, "t2i": 4.0, "text": 0.5}
+VARIANTS = {  # name: (preset, steps, lr, mixture start weights)
+    "mix_600": ("tiny", 600, 2e-3, DEMO_MIX),
+    "mix_2k": ("tiny", 2000, 2e-3, DEMO_MIX),
+    "mix_6k": ("tiny", 6000, 2e-3, DEMO_MIX),
+    "vqa_heavy_6k": ("tiny", 6000, 2e-3, {"vqa": 12.0, "caption": 1.0, "chat": 2.0, "t2i": 2.0, "text": 0.5}),
+    "lr1e-3_6k": ("tiny", 6000, 1e-3, DEMO_MIX),
+    "small_3k": ("small", 3000, 1e-3, DEMO_MIX),
+}
+
+
+def vqa_accuracy(model, builder: SequenceBuilder, codes: str, tok_hash: str, device, n: int = 500) -> dict:
+    """Teacher-forced exact match (== greedy exact match) per question type on the val split."""
+    rows = []
+    for index, (_, image_codes, meta) in enumerate(read_precomputed(codes, "val", tok_hash, split_by_rank=False)):
+        pair = random.Random(f"vqa/0/{index}").choice(meta["qa"])
+        rows.append((builder.understanding(image_codes, pair["question"], str(pair["answer"])), pair["type"]))
+        if len(rows) == n:
+            break
+    hits: dict[str, list[int]] = {}
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(rows), 100):
+            chunk = rows[start: start + 100]
+            batch = collate([seq for seq, _ in chunk], builder.text_tokenizer.pad_id)
+            logits = model(input_ids=batch.ids.to(device), attention_mask=batch.attention_mask.to(device)).logits
+            pred = logits[:, :-1, : builder.vocab.image_start].argmax(-1).cpu()  # (B, T-1)
+            target = batch.labels[:, 1:]
+            for row, (_, kind) in enumerate(chunk):
+                mask = target[row] != IGNORE_INDEX
+                hits.setdefault(kind, []).append(int(torch.equal(pred[row][mask], target[row][mask])))
+    model.train()
+    flat = [h for v in hits.values() for h in v]
+    return {"vqa_acc": sum(flat) / len(flat), **{f"vqa_{k}": sum(v) / len(v) for k, v in sorted(hits.items())}}
+
+
+def run_variant(name: str, args) -> dict:
+    preset, steps, lr, mix = VARIANTS[name]
+    steps = args.steps or steps
+    device = torch.device(args.device)
+    text = TextTokenizer(Path(args.tokenizer) / "text_tokenizer.model")
+    manifest = read_manifest(args.codes)
+    vocab = Vocab.for_tokenizers(text.vocab_size, manifest["num_bits"], manifest["group_size"], manifest["grid_size"])
+    builder = SequenceBuilder(text, vocab, 192)
+    tok_hash = tokenizer_hash(args.tokenizer)
+    stream = MixedTaskStream([SourceConfig(codes=args.codes)], MixtureConfig(start=mix), builder,
+                             tokenizer_hash=tok_hash, total_steps=steps, seed=0, rank=0, shuffle_buffer=2000)
+    torch.manual_seed(0)
+    model = build_model(UnifiedModelConfig(preset=preset), vocab).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(50, steps, 0.1))
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    curve, start = [], time.perf_counter()
+    for step in range(1, steps + 1):
+        batch = stream.next_batch(args.batch, step, text.pad_id)
+        with autocast:
+            logits = model(input_ids=batch.ids.to(device), attention_mask=batch.attention_mask.to(device)).logits
+        token_losses = modality_token_losses(logits, batch.labels.to(device), vocab)
+        loss = token_losses.losses.sum() / token_losses.mask.sum().clamp(min=1)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        schedule.step()
+        if step % args.eval_every == 0 or step == steps:
+            point = {"step": step, "loss": float(loss.detach()), "seconds": round(time.perf_counter() - start, 1),
+                     **vqa_accuracy(model, builder, args.codes, tok_hash, device, 300)}
+            curve.append(point)
+            # written as it happens: a run cut short by a time limit keeps its curve so far
+            with open(Path(args.out) / "budget_curve.jsonl", "a", encoding="utf-8") as handle:
+                handle.write(json.dumps({"variant": name, **point}) + "\n")
+    final = vqa_accuracy(model, builder, args.codes, tok_hash, device, 1000)
+    return {"variant": name, "preset": preset, "steps": steps, "lr": lr, "mixture": mix, "batch": args.batch,
+            "seconds": round(time.perf_counter() - start, 1), **final, "curve": curve}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--codes", required=True, help="precomputed codes directory (train + val)")
+    parser.add_argument("--tokenizer", required=True, help="the QLIP export the codes were made with")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated: {', '.join(VARIANTS)}")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch", type=int, default=32, help="sequences per step (the demo: 2 ranks x 16)")
+    parser.add_argument("--steps", type=int, default=0, help="override every variant's steps (smoke runs)")
+    parser.add_argument("--eval-every", type=int, default=500)
+    parser.add_argument("--jobs", type=int, default=1, help="variants run at once (subprocesses)")
+    parser.add_argument("--out", default="runs/unified_budget")
+    parser.add_argument("--worker", default="", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(run_variant(args.worker, args)), flush=True)
+        return 0
+    names = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    passthrough = ["--codes", args.codes, "--tokenizer", args.tokenizer, "--device", args.device, "--out", args.out, "--batch",
+                   str(args.batch), "--steps", str(args.steps), "--eval-every", str(args.eval_every)]
+    pending, running = list(names), []
+    while pending or running:
+        while pending and len(running) < args.jobs:
+            name = pending.pop(0)
+            command = [sys.executable, __file__, *passthrough, "--worker", name]
+            running.append((name, subprocess.Popen(command, stdout=subprocess.PIPE, text=True)))
+        for name, proc in list(running):
+            if proc.poll() is None:
+                continue
+            running.remove((name, proc))
+            lines = [line for line in proc.stdout.read().splitlines() if line.startswith("{")]
+            row = json.loads(lines[-1]) if proc.returncode == 0 and lines else {"variant": name, "error": proc.returncode}
+            with open(out / "budget.jsonl", "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(row) + "\n")
+            summary = {k: v for k, v in row.items() if k not in ("curve", "mixture")}
+            print(json.dumps(summary), flush=True)
+        time.sleep(1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
