@@ -62,6 +62,8 @@ def load_json_file(path: str | Path, what: str) -> Any:
         raise UserError(f"{path}: not UTF-8 text ({err})") from err
     except json.JSONDecodeError as err:
         raise UserError(f"{path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from err
+    except RecursionError:
+        raise UserError(f"{path}: invalid JSON: nested too deeply") from None
 
 
 def iter_jsonl(path: str | Path, what: str) -> Iterator[tuple[int, Any]]:
@@ -69,14 +71,19 @@ def iter_jsonl(path: str | Path, what: str) -> Iterator[tuple[int, Any]]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{what} not found: {path}")
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield number, json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UserError(f"{path}:{number}: invalid JSON ({err.msg})") from err
+    try:
+        with open(path, encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    yield number, json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise UserError(f"{path}:{number}: invalid JSON ({err.msg})") from err
+                except RecursionError:
+                    raise UserError(f"{path}:{number}: invalid JSON (nested too deeply)") from None
+    except UnicodeDecodeError as err:  # raised by the line iterator
+        raise UserError(f"{path}: not UTF-8 text ({err})") from None
 
 
 def _object(value: Any, where: str) -> dict:
@@ -475,6 +482,8 @@ class AnswerWriter:
                 record = parse_answer_record(json.loads(line), where)
             except json.JSONDecodeError as err:
                 raise UserError(f"{where}: invalid JSON ({err.msg}); the answer file is corrupt") from err
+            except RecursionError:
+                raise UserError(f"{where}: invalid JSON (nested too deeply); the answer file is corrupt") from None
             if record["model_id"] != self.model_id:
                 raise UserError(f"answer file from another model: {where} has model_id "
                                 f"{record['model_id']!r}, this run's model is {self.model_id!r}; "

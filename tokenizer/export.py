@@ -85,10 +85,14 @@ def read_export_config(export_dir: str | Path) -> tuple[QLIPConfig, dict]:
         header = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"{path}: invalid JSON: {err}") from None
+    except RecursionError:
+        raise UserError(f"{path}: invalid JSON: nested too deeply") from None
     if not isinstance(header, dict) or header.get("format") != EXPORT_FORMAT:
         found = header.get("format") if isinstance(header, dict) else type(header).__name__
         raise UserError(f"{path}: format is {found!r}, expected {EXPORT_FORMAT!r} "
                         "(for a released HF-format QLIP directory use tokenizer.released)")
+    if not isinstance(header.get("qlip") or {}, dict):
+        raise UserError(f"{path}: field 'qlip' must be an object, got {type(header.get('qlip')).__name__}")
     try:
         config = config_from_dict(QLIPConfig, header.get("qlip") or {}, "qlip")
     except ConfigError as err:

@@ -240,7 +240,7 @@ def read_codes_file(path: str | Path) -> CodesFile:
         raise UserError(f"codes file not found: {path}")
     try:
         header, sources, groups = _parse_codes(path)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, EOFError,
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, EOFError, RecursionError,
             zipfile.BadZipFile) as err:
         raise UserError(f"{path}: corrupt or unreadable codes file ({type(err).__name__}: {err})") from None
     if not isinstance(header, dict) or header.get("format") != CODES_FORMAT \

@@ -41,6 +41,7 @@ from tokenizer.qlip import QLIP, preset_config
 from train import ds_engine
 from train.distributed import (add_launcher_args, all_reduce_mean, barrier, init_distributed,
                                print_rank0, set_seed, shutdown_distributed)
+from train.faults import StepGuard, check_skip_fraction, merged_skip_summary, step_delay
 # the config schema lives in the deepspeed-free train.tokenizer_config; re-exported from here
 from train.tokenizer_config import (BalanceConfig, LossWeights, TokenizerTrainConfig,  # noqa: F401
                                     lr_prefixes)
@@ -85,12 +86,15 @@ def train_run(cfg: TokenizerTrainConfig, weights: LossWeights, steps: int, out_d
     checkpoints = out_dir / "checkpoints"
     out_dir.mkdir(parents=True, exist_ok=True)
     step, positions = 0, None
-    if cfg.resume and (checkpoints / "latest").is_file():
-        state = runner.load(checkpoints)
+    tag = ds_engine.resume_checkpoint_tag(checkpoints) if cfg.resume else None  # newest complete one
+    if tag is not None:
+        state = runner.load(checkpoints, tag)  # restores this rank's RNG too
         step, positions = state["step"], state["positions"]
-        print_rank0(f"[{desc}] resumed from {checkpoints} at step {step}")
-    set_seed(cfg.seed, rank=rank)
+        print_rank0(f"[{desc}] resumed from {checkpoints / tag} at step {step}")
+    else:
+        set_seed(cfg.seed, rank=rank)
     skip_log = SkipLog()
+    guard = StepGuard(cfg.max_nonfinite_steps, log=lambda message: print_rank0(f"[{desc}] warning: {message}"))
     config = model.config
     context = config.text.context_length if config.text is not None else 0
     batches = image_text_batches(cfg.data, text_tokenizer if cfg.stage == 1 else None,
@@ -106,23 +110,31 @@ def train_run(cfg: TokenizerTrainConfig, weights: LossWeights, steps: int, out_d
     while step < stop:
         micro = [next(batches) for _ in range(cfg.engine.grad_accum_steps)]
         position = micro[-1].end_position
-        terms = runner.step(micro, step)
+        terms = runner.step(micro, step, guard)  # a non-finite step is skipped on every rank
         step += 1
         bar.update(1)
-        if step % cfg.log_every == 0 or step == steps:
+        check_skip_fraction(skip_log, cfg.max_skip_fraction, what=f"{desc}: {cfg.data.data}")  # collective
+        if step % cfg.log_every == 0 or step == steps or runner.last_skip:
             record = {"step": step, **{k: all_reduce_mean(v) for k, v in sorted(terms.items())},
                       "lr": ds_engine.current_lr(runner.engine),
                       "elapsed_s": round(time.perf_counter() - start_time, 2)}
-            history.append(record)
+            if runner.last_skip:
+                record.update(skipped=runner.last_skip, skipped_keys=guard.last_event["keys"])
+            else:
+                history.append(record)
             if rank == 0:
-                bar.set_postfix(loss=f"{record['total']:.3f}", psnr=f"{record.get('psnr_db', 0):.1f}")
+                bar.set_postfix(loss=f"{record.get('total', float('nan')):.3f}",
+                                psnr=f"{record.get('psnr_db', 0):.1f}")
                 with open(log_path, "a", encoding="utf-8") as handle:
                     handle.write(json.dumps(record) + "\n")
         if cfg.save_every and step % cfg.save_every == 0 and step < steps:
-            runner.save(checkpoints, step, gather_positions(position))
+            runner.save(checkpoints, step, gather_positions(position), cfg.keep_last)
+        step_delay()  # TEST HOOK: QLIP_FAULT_STEP_DELAY_S
     bar.close()
-    runner.save(checkpoints, step, gather_positions(position))
-    summary = {"steps": step, "history": history, "skipped": skip_log.summary()}
+    runner.save(checkpoints, step, gather_positions(position), cfg.keep_last)
+    skipped, samples_read = merged_skip_summary(skip_log)  # collective: all ranks' counts
+    summary = {"steps": step, "history": history, "skipped": skipped, "samples_read": samples_read,
+               "nonfinite": guard.summary()}
     if step < steps:
         print_rank0(f"[{desc}] stopped at step {step} (stop_at); rerun the same command to resume")
         return summary
@@ -135,11 +147,18 @@ def train_run(cfg: TokenizerTrainConfig, weights: LossWeights, steps: int, out_d
 
 def truncate_log(log_path: Path, last_step: int) -> None:
     """Keep only records up to ``last_step`` (0: a fresh run starts an empty log; on resume, the
-    steps logged after the checkpoint by the interrupted run are dropped, as they are redone)."""
+    steps logged after the checkpoint by the interrupted run are dropped, as they are redone).
+    A line torn by a kill in the middle of a write is dropped too."""
     if not log_path.is_file():
         return
-    kept = [line for line in log_path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    kept = []
+    for line in log_path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # torn or garbled line (the process was killed while appending it)
+        if isinstance(record, dict) and record.get("step", 0) <= last_step:
+            kept.append(line)
     atomic_write_text(log_path, "".join(line + "\n" for line in kept))
 
 
@@ -219,10 +238,15 @@ def run(cfg: TokenizerTrainConfig) -> int:
                                      max_images=cfg.eval_images)
         result = {"metrics": metrics, "tokenizer_hash": loaded.hash, "loss_weights": config_to_dict(weights),
                   "steps": summary["steps"], "skipped_samples": summary["skipped"],
+                  "samples_read": summary["samples_read"], "nonfinite_steps": summary["nonfinite"],
                   "final_train": summary["history"][-1] if summary["history"] else {}}
         atomic_write_json(out_dir / "metrics.json", result)
         print_rank0("metrics: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                             for k, v in metrics.items()))
+        if summary["skipped"]:
+            print_rank0(f"skipped samples: {summary['skipped']} of {summary['samples_read']} read")
+        if summary["nonfinite"]["skipped_steps"]:
+            print_rank0(f"non-finite steps skipped: {summary['nonfinite']['by_reason']}")
         print_rank0(f"export: {summary['export']}  (hash {loaded.hash})")
     barrier()
     shutdown_distributed()

@@ -14,6 +14,7 @@ from typing import Literal, Optional
 from mmcore.config import ConfigError
 from tokenizer.losses import GANConfig, PerceptualConfig
 from tokenizer.qlip import PARTS
+from train.faults import validate_fault_config
 from train.optim import EngineConfig, OptimConfig
 from train.tokenizer_data import TokenizerDataConfig
 
@@ -60,6 +61,9 @@ class TokenizerTrainConfig:
     out_dir: str = "runs/tokenizer"
     resume: bool = True  # continue from out_dir/checkpoints when it holds one
     stop_at: int = 0  # > 0: checkpoint and exit after this step (a planned interruption); rerun to resume
+    keep_last: int = 3  # complete checkpoints kept in out_dir/checkpoints (0: all)
+    max_skip_fraction: float = 0.1  # stop when more of the samples read were skipped as unusable
+    max_nonfinite_steps: int = 5  # stop after this many steps in a row with a non-finite loss/gradient
 
     def validate(self) -> None:
         if self.stage not in (1, 2):
@@ -75,6 +79,7 @@ class TokenizerTrainConfig:
             raise ConfigError("steps and log_every must be >= 1")
         if not 0 <= self.stop_at <= self.steps:
             raise ConfigError(f"stop_at must be in [0, steps={self.steps}], got {self.stop_at}")
+        validate_fault_config(self.max_skip_fraction, self.max_nonfinite_steps, self.keep_last)
 
 
 def lr_prefixes(lr_mult: dict[str, float]) -> dict[str, float]:

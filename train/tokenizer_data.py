@@ -65,15 +65,31 @@ def caption_label(meta: dict, index: int, caption: str) -> str:
     return f"{index == 0}|" + ";".join(described)
 
 
-def pick_caption(meta: dict, weights: list[float], rng: random.Random) -> tuple[int, str] | None:
+def _caption_list(meta: dict) -> list:
     captions = meta.get("captions")
     if not captions and isinstance(meta.get("caption"), str):
         captions = [meta["caption"]]
-    if not captions:
+    return captions if isinstance(captions, list) else []
+
+
+def _usable(caption) -> bool:
+    return isinstance(caption, str) and bool(caption.strip())
+
+
+def has_caption(meta: dict) -> bool:
+    """Whether :func:`pick_caption` finds a caption (a non-empty string) in ``meta``."""
+    return any(_usable(c) for c in _caption_list(meta))
+
+
+def pick_caption(meta: dict, weights: list[float], rng: random.Random) -> tuple[int, str] | None:
+    """(index, caption) drawn by ``weights``; None when ``meta`` has no usable (non-empty string)
+    caption. Malformed ``captions`` fields (not a list, non-string entries) count as missing."""
+    captions = _caption_list(meta)
+    if not has_caption(meta):
         return None
-    usable = [(i, w) for i, w in enumerate(weights[: len(captions)]) if w > 0 and captions[i]]
+    usable = [(i, w) for i, w in enumerate(weights[: len(captions)]) if w > 0 and _usable(captions[i])]
     if not usable:
-        usable = [(0, 1.0)]
+        usable = [(next(i for i, c in enumerate(captions) if _usable(c)), 1.0)]
     index = rng.choices([i for i, _ in usable], [w for _, w in usable])[0]
     return index, captions[index]
 
@@ -103,7 +119,11 @@ def image_text_batches(cfg: TokenizerDataConfig, text_tokenizer: TextTokenizer |
                            seed=seed, repeat=True, image_size=image_size, skip_log=skip_log)
     pad_id = text_tokenizer.pad_id if text_tokenizer is not None else 0
     buffer = []
-    for position, sample in enumerate(islice(dataset, start, None), start=start):
+    samples = iter(dataset)
+    for sample in islice(samples, start):  # resuming: the replayed samples count their skips again
+        if text_tokenizer is not None and not has_caption(sample.meta):
+            skip_log.skip(sample.shard, sample.key, "no caption: stage 1 needs one per image")
+    for position, sample in enumerate(samples, start=start):
         rng = random.Random(f"caption/{seed}/{rank}/{position}")
         ids, label = [], sample.key
         if text_tokenizer is not None:

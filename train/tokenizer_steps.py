@@ -24,7 +24,8 @@ from tokenizer.losses import (PatchDiscriminator, build_perceptual_loss, discrim
                               r1_penalty)
 from tokenizer.qlip import QLIP
 from train import ds_engine
-from train.distributed import barrier, get_rank
+from train.distributed import get_rank
+from train.faults import StepGuard
 from train.tokenizer_config import LossWeights  # also re-exported from here (it used to live here)
 from train.tokenizer_data import ImageTextBatch
 from train.tokenizer_loss import stage1_loss_terms
@@ -45,6 +46,7 @@ class StageRunner:
             self.perceptual = build_perceptual_loss(cfg.perceptual, copy.deepcopy(model.encoder))
         self.engine = ds_engine.build_engine(model, optim, cfg.engine, lr_mults)
         self.disc = self.disc_optimizer = None
+        self.last_skip: str | None = None  # why the last step was skipped (StepGuard), None if applied
         if self.stage == 2 and cfg.gan.gan_weight > 0:
             torch.manual_seed(cfg.seed + 1)  # same discriminator init on every rank
             self.disc = PatchDiscriminator.from_config(cfg.gan).to(self.engine.device)
@@ -93,33 +95,52 @@ class StageRunner:
         self.disc_optimizer.step()
         return {"gan_d": d_loss.detach(), "r1": r1.detach()}
 
-    def step(self, micro_batches: list[ImageTextBatch], step: int) -> dict[str, float]:
-        """One optimizer step (generator, then discriminator when active); returns mean terms."""
+    def step(self, micro_batches: list[ImageTextBatch], step: int,
+             guard: StepGuard | None = None) -> dict[str, float]:
+        """One optimizer step (generator, then discriminator when active); returns mean terms.
+
+        With a :class:`~train.faults.StepGuard`, a non-finite loss on any rank skips the step on
+        every rank (no backward, no generator or discriminator update); the terms then cover only
+        the micro-batches that were applied (empty when the whole step was skipped) and
+        ``self.last_skip`` holds the reason (None when the step was applied).
+        """
         sums: dict[str, float] = {}
+        used = 0
+        if guard is not None:
+            guard.begin(step + 1)
         for batch in micro_batches:
             total, terms = self._generator_terms(batch, step)
-            self.engine.backward(total)
-            self.engine.step()
+            if guard is None:
+                self.engine.backward(total)
+                self.engine.step()
+            elif not guard.backward_and_step(self.engine, total, batch.keys):
+                continue  # skipped (non-finite loss on some rank): no discriminator step either
             real, fake = terms.pop("_real"), terms.pop("_fake")
             if self.disc is not None and step >= self.cfg.gan.start_step:
                 terms.update(self._discriminator_step(real, fake))
             for key, value in terms.items():
                 sums[key] = sums.get(key, 0.0) + float(value.detach())
-        return {key: value / len(micro_batches) for key, value in sums.items()}
+            used += 1
+        self.last_skip = guard.end(self.engine) if guard is not None else None
+        return {key: value / used for key, value in sums.items()} if used else {}
 
     # -- checkpoints ----------------------------------------------------------------------------
-    def save(self, checkpoint_dir: Path, step: int, positions: list[int]) -> None:
+    def save(self, checkpoint_dir: Path, step: int, positions: list[int], keep_last: int = 0) -> None:
         state = {"positions": positions, "weights": dataclasses.asdict(self.weights)}
-        tag = ds_engine.save_checkpoint(self.engine, checkpoint_dir, step, state)
-        if self.disc is not None and get_rank() == 0:  # replicated: one copy is enough
-            with atomic_output_path(checkpoint_dir / tag / DISC_FILE) as tmp:
-                torch.save({"model": self.disc.state_dict(), "optimizer": self.disc_optimizer.state_dict()}, tmp)
-        barrier()
 
-    def load(self, checkpoint_dir: Path) -> dict:
-        state = ds_engine.load_checkpoint(self.engine, checkpoint_dir)
+        def write_disc(directory: Path) -> None:  # inside the checkpoint before it is committed
+            if self.disc is not None and get_rank() == 0:  # replicated: one copy is enough
+                with atomic_output_path(directory / DISC_FILE) as tmp:
+                    torch.save({"model": self.disc.state_dict(), "optimizer": self.disc_optimizer.state_dict()}, tmp)
+
+        ds_engine.save_checkpoint(self.engine, checkpoint_dir, step, state, keep_last=keep_last,
+                                  write_extra=write_disc)
+
+    def load(self, checkpoint_dir: Path, tag: str | None = None) -> dict:
+        tag = tag or ds_engine.resume_checkpoint_tag(checkpoint_dir)
+        state = ds_engine.load_checkpoint(self.engine, checkpoint_dir, tag)
         if self.disc is not None:
-            path = checkpoint_dir / ds_engine.latest_tag(checkpoint_dir) / DISC_FILE
+            path = checkpoint_dir / tag / DISC_FILE
             if not path.is_file():
                 raise UserError(f"checkpoint has no discriminator state: {path}")
             disc_state = torch.load(path, weights_only=True, map_location=self.engine.device)

@@ -40,6 +40,8 @@ from tokenizer.export import tokenizer_hash
 from train import ds_engine
 from train.distributed import (add_launcher_args, all_reduce_mean, barrier, init_distributed,
                                print_rank0, set_seed, shutdown_distributed)
+from train.faults import (StepGuard, check_skip_fraction, merged_skip_summary, step_delay,
+                          validate_fault_config)
 from train.tokenizer import gather_positions, truncate_log
 from train.unified_log import RunLogger
 from unified_mm.data.mixture import MixedTaskStream, MixtureConfig, SourceConfig, eval_sequences
@@ -80,6 +82,9 @@ class UnifiedTrainConfig:
     seed: int = 0
     resume: bool = True
     out_dir: str = "runs/unified"
+    keep_last: int = 3  # complete checkpoints kept in out_dir/checkpoints (0: all)
+    max_skip_fraction: float = 0.1  # stop when more of the samples read were skipped as unusable
+    max_nonfinite_steps: int = 5  # stop after this many steps in a row with a non-finite loss/gradient
 
     def validate(self) -> None:
         if self.steps < 1 or self.log_every < 1:
@@ -88,6 +93,7 @@ class UnifiedTrainConfig:
             raise ConfigError("stop_at, save_every and eval_every must be >= 0")
         if self.data.max_length < 8:
             raise ConfigError(f"data.max_length={self.data.max_length} is too small")
+        validate_fault_config(self.max_skip_fraction, self.max_nonfinite_steps, self.keep_last)
 
 
 def sources_of(cfg: UnifiedTrainConfig) -> list[SourceConfig]:
@@ -142,23 +148,35 @@ class Setup:
 # Steps
 # ---------------------------------------------------------------------------------------------
 
-def train_step(engine, micro_batches, vocab: Vocab) -> dict:
-    """One optimizer step; returns this rank's loss sums/counts per task and token count."""
+def train_step(engine, micro_batches, vocab: Vocab, guard: StepGuard | None = None,
+               keys: list | None = None, step: int = 0) -> dict:
+    """One optimizer step; returns this rank's loss sums/counts per task and token count.
+
+    With ``guard``, a non-finite loss on any rank skips step ``step`` (1-based) on every rank
+    (:mod:`train.faults`); skipped micro-batches add nothing to the sums and ``"skipped"`` holds
+    the reason (None when the step was applied).
+    """
     sums = torch.zeros(len(TASKS), dtype=torch.float64)
     counts = torch.zeros(len(TASKS), dtype=torch.float64)
     tokens = 0
-    for batch in micro_batches:
+    if guard is not None:
+        guard.begin(step)
+    for index, batch in enumerate(micro_batches):
         logits = engine(input_ids=batch.ids.to(engine.device),
                         attention_mask=batch.attention_mask.to(engine.device)).logits
         token_losses = modality_token_losses(logits, batch.labels.to(engine.device), vocab)
         loss = token_losses.losses.sum() / token_losses.mask.sum().clamp(min=1)
-        engine.backward(loss)
-        engine.step()
+        if guard is None:
+            engine.backward(loss)
+            engine.step()
+        elif not guard.backward_and_step(engine, loss, keys[index] if keys else ()):
+            continue  # skipped on every rank: a non-finite loss somewhere
         task_sums, task_counts = per_task_losses(token_losses, batch.task_index.to(engine.device), len(TASKS))
         sums += task_sums.detach().double().cpu()
         counts += task_counts.detach().double().cpu()
         tokens += int(batch.attention_mask.sum())
-    return {"sums": sums, "counts": counts, "tokens": tokens}
+    skipped = guard.end(engine) if guard is not None else None
+    return {"sums": sums, "counts": counts, "tokens": tokens, "skipped": skipped}
 
 
 def reduce_terms(terms: dict) -> dict:
@@ -169,7 +187,7 @@ def reduce_terms(terms: dict) -> dict:
     n = len(TASKS)
     sums, counts, tokens = packed[:n], packed[n: 2 * n], float(packed[-1])
     out = {f"loss/{task}": float(sums[i] / counts[i]) for i, task in enumerate(TASKS) if counts[i] > 0}
-    out["loss"] = float(sums.sum() / counts.sum().clamp(min=1))
+    out["loss"] = float(sums.sum() / counts.sum()) if counts.sum() > 0 else float("nan")  # nan: all skipped
     out["tokens"] = tokens
     return out
 
@@ -181,9 +199,31 @@ def run_eval(engine, setup: Setup, heldout: dict) -> dict:
     return {f"eval/{task}": value for task, value in losses.items()}
 
 
-def save(engine, checkpoints: Path, step: int, stream: MixedTaskStream, stats: SequenceStats) -> None:
+def save(engine, checkpoints: Path, step: int, stream: MixedTaskStream, stats: SequenceStats,
+         keep_last: int = 0) -> None:
     states = gather_positions(stream.state())
-    ds_engine.save_checkpoint(engine, checkpoints, step, {"data": states, "sequence_stats": stats.summary()})
+    ds_engine.save_checkpoint(engine, checkpoints, step, {"data": states, "sequence_stats": stats.summary()},
+                              keep_last=keep_last)
+
+
+class KeyedStream(MixedTaskStream):
+    """:class:`MixedTaskStream` that remembers the sample keys behind each batch, so a step skipped
+    for a non-finite loss can name them. Draws exactly what the plain stream draws."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._drawn: list[str] = []
+
+    def _draw_sample(self, source_index: int, task: str) -> tuple:
+        sample = super()._draw_sample(source_index, task)
+        self._drawn.append(str(sample[0]))
+        return sample
+
+    def next_keyed_batch(self, batch_size: int, step: int, pad_id: int):
+        """(batch, keys of the samples drawn for it)."""
+        self._drawn = []
+        batch = self.next_batch(batch_size, step, pad_id)
+        return batch, self._drawn
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,16 +245,18 @@ def train(cfg: UnifiedTrainConfig, setup: Setup, rank: int) -> dict:
         ds_engine.save_ds_config(ds_config, out_dir / "ds_config.json")
     checkpoints = out_dir / "checkpoints"
     step, data_state = 0, None
-    if cfg.resume and (checkpoints / "latest").is_file():
-        state = ds_engine.load_checkpoint(engine, checkpoints)
+    tag = ds_engine.resume_checkpoint_tag(checkpoints) if cfg.resume else None  # newest complete one
+    if tag is not None:
+        state = ds_engine.load_checkpoint(engine, checkpoints, tag)
         step, data_state = state["step"], state["data"][rank]
-        print_rank0(f"resumed from {checkpoints} at step {step}")
+        print_rank0(f"resumed from {checkpoints / tag} at step {step}")
     else:
         set_seed(cfg.seed, rank=rank)
     skip_log = SkipLog()
-    stream = MixedTaskStream(setup.sources, cfg.mixture, setup.builder, tokenizer_hash=setup.tokenizer_hash,
-                             total_steps=cfg.steps, seed=cfg.seed, rank=rank, shuffle_buffer=cfg.data.shuffle_buffer,
-                             state=data_state, skip_log=skip_log)
+    guard = StepGuard(cfg.max_nonfinite_steps, log=lambda message: print_rank0(f"warning: {message}"))
+    stream = KeyedStream(setup.sources, cfg.mixture, setup.builder, tokenizer_hash=setup.tokenizer_hash,
+                         total_steps=cfg.steps, seed=cfg.seed, rank=rank, shuffle_buffer=cfg.data.shuffle_buffer,
+                         state=data_state, skip_log=skip_log)
     heldout = eval_sequences(setup.val_source, cfg.mixture, setup.builder, tokenizer_hash=setup.tokenizer_hash,
                              per_task=cfg.eval_per_task, seed=cfg.seed)
     logger = RunLogger(out_dir, enabled=rank == 0, resume_step=step)
@@ -227,13 +269,18 @@ def train(cfg: UnifiedTrainConfig, setup: Setup, rank: int) -> dict:
     window, window_steps, window_start = None, 0, time.perf_counter()
     pad_id = setup.text_tokenizer.pad_id
     while step < stop:
-        micro = [stream.next_batch(cfg.engine.micro_batch_size, step, pad_id)
+        micro = [stream.next_keyed_batch(cfg.engine.micro_batch_size, step, pad_id)
                  for _ in range(cfg.engine.grad_accum_steps)]
-        terms = train_step(engine, micro, setup.vocab)
+        terms = train_step(engine, [batch for batch, _ in micro], setup.vocab, guard=guard,
+                           keys=[keys for _, keys in micro], step=step + 1)
+        skipped = terms.pop("skipped")
         window = terms if window is None else {k: window[k] + terms[k] for k in terms}
         window_steps += 1
         step += 1
         bar.update(1)
+        check_skip_fraction(skip_log, cfg.max_skip_fraction, what="unified training data")  # collective
+        if skipped:
+            logger.log(step, {"skipped": skipped, "skipped_keys": guard.last_event["keys"]})
         if step % cfg.log_every == 0 or step == stop:
             record = reduce_terms(window)  # collective: every rank; means over the window's steps
             seconds = time.perf_counter() - window_start
@@ -245,10 +292,13 @@ def train(cfg: UnifiedTrainConfig, setup: Setup, rank: int) -> dict:
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
             logger.log(step, run_eval(engine, setup, heldout))
         if cfg.save_every and step % cfg.save_every == 0 and step < stop:
-            save(engine, checkpoints, step, stream, setup.stats)
+            save(engine, checkpoints, step, stream, setup.stats, cfg.keep_last)
+        step_delay()  # TEST HOOK: QLIP_FAULT_STEP_DELAY_S
     bar.close()
-    save(engine, checkpoints, step, stream, setup.stats)
-    summary = {"steps": step, "skipped_samples": skip_log.summary(), "sequence_stats": setup.stats.summary(),
+    save(engine, checkpoints, step, stream, setup.stats, cfg.keep_last)
+    skipped_samples, samples_read = merged_skip_summary(skip_log)  # collective: all ranks' counts
+    summary = {"steps": step, "skipped_samples": skipped_samples, "samples_read": samples_read,
+               "nonfinite_steps": guard.summary(), "sequence_stats": setup.stats.summary(),
                "passed_over": stream.passed_over, "parameters": params}
     if step < cfg.steps:
         print_rank0(f"stopped at step {step} (stop_at); rerun the same command to resume")
@@ -290,6 +340,10 @@ def print_summary(metrics: dict) -> None:
         vqa = metrics["vqa_greedy"]
         by_type = ", ".join(f"{k} {v:.1%}" for k, v in vqa["by_type"].items())
         print_rank0(f"  greedy VQA on val: {vqa['accuracy']:.1%} of {vqa['questions']} ({by_type})")
+    if metrics.get("skipped_samples"):
+        print_rank0(f"  skipped samples: {metrics['skipped_samples']} of {metrics.get('samples_read')} read")
+    if (metrics.get("nonfinite_steps") or {}).get("skipped_steps"):
+        print_rank0(f"  non-finite steps skipped: {metrics['nonfinite_steps']['by_reason']}")
     print_rank0(f"  export: {metrics['export']} (hash {metrics['export_hash']})")
 
 

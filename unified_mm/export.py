@@ -281,6 +281,8 @@ def read_unified_header(export_dir: str | Path) -> dict:
         header = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"{path}: invalid JSON: {err}") from None
+    except RecursionError:
+        raise UserError(f"{path}: invalid JSON: nested too deeply") from None
     if not isinstance(header, dict) or header.get("format") != EXPORT_FORMAT:
         found = header.get("format") if isinstance(header, dict) else type(header).__name__
         raise UserError(f"{path}: format is {found!r}, expected {EXPORT_FORMAT!r}")
@@ -292,13 +294,17 @@ def _read_llama_config(path: Path) -> LlamaConfig:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"{path}: invalid JSON: {err}") from None
+    except RecursionError:
+        raise UserError(f"{path}: invalid JSON: nested too deeply") from None
     if not isinstance(raw, dict) or raw.get("model_type") != "llama":
         found = raw.get("model_type") if isinstance(raw, dict) else type(raw).__name__
         raise UserError(f"{path}: model_type is {found!r}, expected 'llama'")
     try:
         return LlamaConfig.from_dict(raw)
-    except (TypeError, ValueError, KeyError) as err:
-        raise UserError(f"{path}: not a valid Llama config: {err}") from None
+    except Exception as err:  # noqa: BLE001 -- validators raise many types (StrictDataclassError, ZeroDivisionError)
+        first = str(err).strip().splitlines()
+        detail = " ".join(line.strip() for line in first[:2]) if first else type(err).__name__
+        raise UserError(f"{path}: not a valid Llama config: {detail}") from None
 
 
 def load_unified(export_dir: str | Path, device: str | torch.device = "cpu",

@@ -235,6 +235,8 @@ def _read_pretrained_config(path: Path, overrides: dict) -> LlamaConfig:
         raw = json.loads(config_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"{config_path}: invalid JSON: {err}") from None
+    except RecursionError:
+        raise UserError(f"{config_path}: invalid JSON: nested too deeply") from None
     if not isinstance(raw, dict) or raw.get("model_type") != "llama":
         found = raw.get("model_type") if isinstance(raw, dict) else type(raw).__name__
         raise UserError(f"{config_path}: model_type is {found!r}, expected 'llama' "

@@ -286,6 +286,8 @@ def read_manifest(codes_dir: str | Path) -> dict:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise UserError(f"{path}: invalid JSON: {err}") from None
+    except RecursionError:
+        raise UserError(f"{path}: invalid JSON: nested too deeply") from None
     if not isinstance(manifest, dict) or manifest.get("format") != PRECOMPUTED_FORMAT:
         raise UserError(f"{path}: not a precomputed codes manifest (format {PRECOMPUTED_FORMAT!r})")
     return manifest
@@ -305,12 +307,27 @@ def read_precomputed(codes_dir: str | Path, split: str, expected_hash: str | Non
     if expected_hash is not None and manifest.get("tokenizer_hash") != expected_hash:
         raise UserError(f"{codes_dir} holds codes of tokenizer {manifest.get('tokenizer_hash')}, "
                         f"expected {expected_hash}; rerun precompute with this tokenizer")
-    if split not in manifest.get("splits", {}):
-        raise UserError(f"{codes_dir} has no split {split!r} (has: {', '.join(manifest['splits'])})")
-    shards = [str(Path(codes_dir) / name) for name in manifest["splits"][split]["shards"]]
+    where = Path(codes_dir) / MANIFEST_NAME
+    splits = manifest.get("splits")
+    if not isinstance(splits, dict):
+        raise UserError(f"{where}: field 'splits' must be an object of split name -> shards")
+    if split not in splits:
+        raise UserError(f"{codes_dir} has no split {split!r} (has: {', '.join(splits)})")
+    names = splits[split].get("shards") if isinstance(splits[split], dict) else None
+    # shard names come from a data file: plain file names only, never a path out of codes_dir
+    if not isinstance(names, list) or not names or not all(
+            isinstance(n, str) and n and Path(n).name == n and n not in (".", "..") and "\\" not in n
+            for n in names):
+        raise UserError(f"{where}: splits.{split}.shards must be a non-empty list of file names inside "
+                        f"{codes_dir}, got {names!r:.200}")
+    sizes = {key: manifest.get(key) for key in ("grid_size", "num_groups")}
+    bad = [key for key, value in sizes.items() if not isinstance(value, int) or isinstance(value, bool) or value < 1]
+    if bad:
+        raise UserError(f"{where}: field {bad[0]!r} must be a positive integer, got {sizes[bad[0]]!r}")
+    shards = [str(Path(codes_dir) / name) for name in names]
     dataset_kwargs.setdefault("decode_image", False)  # the codes replace the pixels
     dataset = ShardDataset(shards, **dataset_kwargs)
-    shape = (manifest["grid_size"] ** 2, manifest["num_groups"])
+    shape = (sizes["grid_size"] ** 2, sizes["num_groups"])
     return _iter_codes(dataset, shape)
 
 

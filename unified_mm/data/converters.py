@@ -144,6 +144,8 @@ def read_json_file(path: str | Path, flag: str = "--json") -> Any:
         raise UserError(f"{flag} {path}: not UTF-8 text: {err}") from None
     except json.JSONDecodeError as err:
         raise UserError(f"{flag} {path}: invalid JSON: {err}") from None
+    except RecursionError:
+        raise UserError(f"{flag} {path}: invalid JSON: nested too deeply") from None
 
 
 def check_image_root(images: str | Path) -> Path:
@@ -468,7 +470,7 @@ def write_split(records: list[Record], root: Path, directory: Path, options: Con
 def read_manifest(out: Path) -> dict | None:
     try:
         manifest = json.loads((out / MANIFEST_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     return manifest if isinstance(manifest, dict) and isinstance(manifest.get("splits"), dict) else None
 
@@ -510,6 +512,13 @@ def _check_add_split(out: Path, manifest: dict | None, fmt: str, options: Conver
                         f"{manifest.get('image_size')}, not {fmt!r} at {options.image_size}")
     if options.split in manifest["splits"] and not options.overwrite:
         raise UserError(f"--add-split: {out} already has split {options.split!r}; pass --overwrite to replace it")
+    for name, info in manifest["splits"].items():  # names from a data file: plain files inside out only
+        shards = info.get("shards") if isinstance(info, dict) else None
+        if not isinstance(shards, list) or not all(
+                isinstance(n, str) and n and Path(n).name == n and n not in (".", "..") and "\\" not in n
+                and (out / n).is_file() for n in shards):
+            raise UserError(f"--add-split: {out / MANIFEST_NAME}: split {name!r} must list the shard files of "
+                            f"{out} by name, got {shards!r:.200}")
     known = {MANIFEST_NAME} | {name for info in manifest["splits"].values() for name in info.get("shards", [])}
     unknown = sorted(p.name for p in out.iterdir() if p.name not in known)
     if unknown:

@@ -90,9 +90,20 @@ def sample_tasks(meta: dict) -> set[str]:
         tasks |= {"vqa", "chat"}
     if _captions(meta):
         tasks |= {"caption", "t2i", "text"}
-    if isinstance(meta.get("conversations"), list) and meta["conversations"]:
+    if _conversation(meta) is not None:
         tasks.add("chat")
     return tasks
+
+
+def _conversation(meta: dict) -> list[dict] | None:
+    """``meta["conversations"]`` when it is a list of ``{"role": str, "text": str}`` turns, else
+    None (the roles are checked by the builder: a bad order is a UserError, skipped by the stream)."""
+    turns = meta.get("conversations")
+    if not isinstance(turns, list) or not turns or not all(
+            isinstance(t, dict) and isinstance(t.get("role"), str) and isinstance(t.get("text"), str)
+            for t in turns):
+        return None
+    return turns
 
 
 def _qa_pairs(meta: dict) -> list[tuple[str, str]]:
@@ -133,7 +144,7 @@ def build_sequence(task: str, image_codes, meta: dict, rng: random.Random, cfg: 
     if task == "text":
         return builder.text_only(rng.choice(_captions(meta)))
     if task == "chat":
-        if isinstance(meta.get("conversations"), list) and meta["conversations"]:
+        if _conversation(meta) is not None:
             return builder.chat(_conversation_turns(meta, image_codes), task="chat")
         pairs = _qa_pairs(meta)
         picked = rng.sample(pairs, min(cfg.chat_turns, len(pairs)))
@@ -202,8 +213,13 @@ class MixedTaskStream:
             serving = [i for i, s in enumerate(self.sources) if task in s.tasks]
             if not serving:
                 raise UserError(f"task {task!r} has weight > 0 but no source lists it in its tasks")
-            _, codes, meta = self._draw_sample(rng.choice(serving), task)
-            sequence = build_sequence(task, codes, meta, rng, self.cfg, self.builder)
+            source = rng.choice(serving)
+            key, codes, meta = self._draw_sample(source, task)
+            try:
+                sequence = build_sequence(task, codes, meta, rng, self.cfg, self.builder)
+            except (UserError, ValueError) as err:  # a malformed sample (bad codes, empty answer, ...)
+                self.skip_log.skip(str(self.sources[source].codes), key, f"unusable sample: {err}")
+                continue
             if sequence is not None:  # None: too long, counted by the builder's stats
                 return sequence
 

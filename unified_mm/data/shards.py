@@ -43,10 +43,15 @@ class Sample(NamedTuple):
 
 
 class SkipLog:
-    """Per-reason counts of skipped samples; each skip is logged once, naming shard and key."""
+    """Per-reason counts of skipped samples; each skip is logged once, naming shard and key.
+
+    ``read`` counts the raw samples the readers sharing this log looked at (good and bad), so
+    ``total / read`` is the skipped fraction (the trainers stop above ``max_skip_fraction``).
+    """
 
     def __init__(self) -> None:
         self.counts: collections.Counter[str] = collections.Counter()
+        self.read = 0
 
     def skip(self, shard: str, key: str | None, reason: str) -> None:
         self.counts[reason.split(":")[0]] += 1
@@ -56,6 +61,11 @@ class SkipLog:
     @property
     def total(self) -> int:
         return sum(self.counts.values())
+
+    @property
+    def fraction(self) -> float:
+        """Skipped / read (0 before anything was read)."""
+        return self.total / self.read if self.read else 0.0
 
     def summary(self) -> dict[str, int]:
         return dict(sorted(self.counts.items()))
@@ -145,13 +155,23 @@ def decode_sample(raw: dict, skip_log: SkipLog, image_size: int | None = None,
 
 def _decode_json(raw: dict, shard: str, key: str | None, skip_log: SkipLog) -> dict | None:
     try:
-        meta = json.loads(raw["json"].decode("utf-8"))
+        text = raw["json"].decode("utf-8")
+        meta = json.loads(text)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         skip_log.skip(shard, key, f"bad json: {err}")
+        return None
+    except RecursionError:  # absurdly deep nesting ("[[[[..."): a hostile or corrupt file
+        skip_log.skip(shard, key, "bad json: nested too deeply")
         return None
     if not isinstance(meta, dict):
         skip_log.skip(shard, key, f"bad json: top level is {type(meta).__name__}, expected an object")
         return None
+    if "\\ud" in text.lower():  # an escaped surrogate: valid JSON, but unpaired it is not text
+        try:
+            json.dumps(meta, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            skip_log.skip(shard, key, "bad json: invalid unicode (an unpaired surrogate escape)")
+            return None
     return meta
 
 
@@ -232,12 +252,17 @@ class ShardDataset(IterableDataset):
         if stride > 1:
             raw_samples = islice(raw_samples, offset, None, stride)
         samples = (decode_sample(raw, self.skip_log, self.image_size, self.decode_image)
-                   for raw in raw_samples)
+                   for raw in self._counted(raw_samples))
         samples = (s for s in samples if s is not None)
         if self.shuffle_buffer > 0:
             rng = random.Random(f"samples/{self.seed}/{epoch}/{reader}")
             samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(samples)
         yield from samples
+
+    def _counted(self, raw_samples: Iterable[dict]) -> Iterator[dict]:
+        for raw in raw_samples:
+            self.skip_log.read += 1
+            yield raw
 
     def _raw_samples(self, shards: Iterable[str]) -> Iterator[dict]:
         """webdataset's tar expansion, with errors counted against the shard being read."""
