@@ -90,7 +90,7 @@ def read_export_config(export_dir: str | Path) -> tuple[QLIPConfig, dict]:
     if not isinstance(header, dict) or header.get("format") != EXPORT_FORMAT:
         found = header.get("format") if isinstance(header, dict) else type(header).__name__
         raise UserError(f"{path}: format is {found!r}, expected {EXPORT_FORMAT!r} "
-                        "(for a released HF-format QLIP directory use tokenizer.released)")
+                        "(released HF-format QLIP directories cannot be loaded yet: issue 3)")
     if not isinstance(header.get("qlip") or {}, dict):
         raise UserError(f"{path}: field 'qlip' must be an object, got {type(header.get('qlip')).__name__}")
     try:
