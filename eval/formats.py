@@ -34,7 +34,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Hashable, Iterable, Iterator, NamedTuple
 
 from mmcore.errors import UserError
-from mmcore.io import atomic_write_text
+from mmcore.io import atomic_write_text, read_json
 
 log = logging.getLogger(__name__)
 
@@ -53,17 +53,7 @@ def _type_name(value: Any) -> str:
 
 def load_json_file(path: str | Path, what: str) -> Any:
     """Parsed JSON of ``path``; a missing file or invalid JSON is a UserError naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{what} not found: {path}")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as err:
-        raise UserError(f"{path}: not UTF-8 text ({err})") from err
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from err
-    except RecursionError:
-        raise UserError(f"{path}: invalid JSON: nested too deeply") from None
+    return read_json(path, what)
 
 
 def iter_jsonl(path: str | Path, what: str) -> Iterator[tuple[int, Any]]:

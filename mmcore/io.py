@@ -9,6 +9,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from mmcore.errors import UserError
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -85,3 +87,20 @@ def atomic_output_dir(path: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def read_json(path: str | Path, what: str = "file") -> Any:
+    """Parsed JSON of ``path``; every way it can be unusable is a one-line :class:`UserError`
+    naming the file: missing, not UTF-8, invalid JSON (with line and column), nested too deeply
+    for Python's parser (a crafted file would otherwise raise RecursionError)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} not found: {path}" + (" (it is a directory)" if path.is_dir() else ""))
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not UTF-8 text ({err})") from None
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+    except RecursionError:
+        raise UserError(f"{path}: invalid JSON: nested too deeply") from None

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from mmcore.config import ConfigError, config_from_dict, config_to_dict
 from mmcore.errors import UserError
-from mmcore.io import atomic_output_dir
+from mmcore.io import atomic_output_dir, read_json
 from mmcore.text_tokenizer import TextTokenizer
 from tokenizer.qlip import QLIP, QLIPConfig
 
@@ -81,12 +81,7 @@ def read_export_config(export_dir: str | Path) -> tuple[QLIPConfig, dict]:
     path = export_dir / CONFIG_FILE
     if not path.is_file():
         raise UserError(f"{export_dir} is not a tokenizer export: missing {CONFIG_FILE}")
-    try:
-        header = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{path}: invalid JSON: {err}") from None
-    except RecursionError:
-        raise UserError(f"{path}: invalid JSON: nested too deeply") from None
+    header = read_json(path)
     if not isinstance(header, dict) or header.get("format") != EXPORT_FORMAT:
         found = header.get("format") if isinstance(header, dict) else type(header).__name__
         raise UserError(f"{path}: format is {found!r}, expected {EXPORT_FORMAT!r} "
@@ -109,12 +104,12 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
         raise UserError(f"{path}: corrupt or unreadable safetensors file: {err}") from None
 
 
-def load_state_strict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: Path) -> None:
-    """``load_state_dict(strict=True)`` with a one-line error naming the file and keys."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    extra = sorted(set(state_dict) - set(expected))
-    shapes = sorted(k for k in set(expected) & set(state_dict) if expected[k].shape != state_dict[k].shape)
+def state_key_problems(expected: dict[str, tuple], found: dict[str, tuple]) -> list[str]:
+    """What differs between two {key: shape} maps (config vs file): missing, unexpected and
+    wrong-shaped keys, each with a count and examples; empty when they match."""
+    missing = sorted(set(expected) - set(found))
+    extra = sorted(set(found) - set(expected))
+    shapes = sorted(k for k in set(expected) & set(found) if tuple(expected[k]) != tuple(found[k]))
     problems = []
     if missing:
         problems.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
@@ -122,8 +117,15 @@ def load_state_strict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor
         problems.append(f"{len(extra)} unexpected (e.g. {', '.join(extra[:3])})")
     if shapes:
         k = shapes[0]
-        problems.append(f"{len(shapes)} with the wrong shape (e.g. {k}: file {tuple(state_dict[k].shape)}, "
-                        f"config {tuple(expected[k].shape)})")
+        problems.append(f"{len(shapes)} with the wrong shape (e.g. {k}: file {tuple(found[k])}, "
+                        f"config {tuple(expected[k])})")
+    return problems
+
+
+def load_state_strict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: Path) -> None:
+    """``load_state_dict(strict=True)`` with a one-line error naming the file and keys."""
+    problems = state_key_problems({k: v.shape for k, v in model.state_dict().items()},
+                                  {k: v.shape for k, v in state_dict.items()})
     if problems:
         raise UserError(f"{source} does not match its config: " + "; ".join(problems))
     model.load_state_dict(state_dict, strict=True)

@@ -32,10 +32,11 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from mmcore.errors import UserError
-from mmcore.io import atomic_output_dir
+from mmcore.io import atomic_output_dir, read_json
 from mmcore.text_tokenizer import TextTokenizer
 from tokenizer import export as qlip_export
-from tokenizer.export import LoadedTokenizer, load_tokenizer, load_weights, read_export_config, tokenizer_hash
+from tokenizer.export import (LoadedTokenizer, load_tokenizer, load_weights, read_export_config,
+                              state_key_problems, tokenizer_hash)
 from tokenizer.qlip import QLIPConfig
 from unified_mm.model import resolve_attention, special_token_ids
 from unified_mm.vocab import Vocab
@@ -136,22 +137,6 @@ def _model_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
             for k, v in model.state_dict(keep_vars=True).items()}
 
 
-def _key_problems(expected: dict[str, torch.Size], found: dict[str, torch.Size]) -> list[str]:
-    missing = sorted(set(expected) - set(found))
-    extra = sorted(set(found) - set(expected))
-    shapes = sorted(k for k in set(expected) & set(found) if tuple(expected[k]) != tuple(found[k]))
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
-    if extra:
-        problems.append(f"{len(extra)} unexpected (e.g. {', '.join(extra[:3])})")
-    if shapes:
-        k = shapes[0]
-        problems.append(f"{len(shapes)} with the wrong shape (e.g. {k}: file {tuple(found[k])}, "
-                        f"config {tuple(expected[k])})")
-    return problems
-
-
 # ---------------------------------------------------------------------------------------------
 # Save
 # ---------------------------------------------------------------------------------------------
@@ -200,7 +185,7 @@ def save_unified(model: LlamaForCausalLM, vocab: Vocab, out_dir: str | Path, *,
         aliases = _alias_keys(model)
         expected = {k: v for k, v in shapes.items() if k not in aliases}
         found = {k: v.shape for k, v in state_dict.items() if k not in aliases}
-        problems = _key_problems(expected, found)
+        problems = state_key_problems(expected, found)
         if problems:
             raise UserError("state_dict does not match the model: " + "; ".join(problems))
 
@@ -277,12 +262,7 @@ def read_unified_header(export_dir: str | Path) -> dict:
     path = export_dir / UNIFIED_FILE
     if not path.is_file():
         raise UserError(f"{export_dir} is not a unified model export: missing {UNIFIED_FILE}")
-    try:
-        header = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{path}: invalid JSON: {err}") from None
-    except RecursionError:
-        raise UserError(f"{path}: invalid JSON: nested too deeply") from None
+    header = read_json(path)
     if not isinstance(header, dict) or header.get("format") != EXPORT_FORMAT:
         found = header.get("format") if isinstance(header, dict) else type(header).__name__
         raise UserError(f"{path}: format is {found!r}, expected {EXPORT_FORMAT!r}")
@@ -364,7 +344,7 @@ def load_unified(export_dir: str | Path, device: str | torch.device = "cpu",
     model = LlamaForCausalLM._from_config(copy.deepcopy(config), attn_implementation=attn, dtype=torch.float32)
     aliases = _alias_keys(model)
     expected = {k: v for k, v in _model_shapes(model).items() if k not in aliases}
-    problems = _key_problems(expected, {k: v.shape for k, v in state_dict.items()})
+    problems = state_key_problems(expected, {k: v.shape for k, v in state_dict.items()})
     if problems:
         raise UserError(f"{weights_path} does not match its config: " + "; ".join(problems))
     for alias, target in aliases.items():

@@ -24,7 +24,6 @@ from __future__ import annotations
 import copy
 import difflib
 import inspect
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -36,6 +35,7 @@ from transformers.utils import is_flash_attn_2_available
 
 from mmcore.config import ConfigError
 from mmcore.errors import UserError
+from mmcore.io import read_json
 from mmcore.text_tokenizer import SPECIALS
 from unified_mm.vocab import Vocab
 
@@ -231,12 +231,7 @@ def _read_pretrained_config(path: Path, overrides: dict) -> LlamaConfig:
     config_path = path / "config.json"
     if not config_path.is_file():
         raise UserError(f"{path} is not a HF model directory: missing config.json")
-    try:
-        raw = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{config_path}: invalid JSON: {err}") from None
-    except RecursionError:
-        raise UserError(f"{config_path}: invalid JSON: nested too deeply") from None
+    raw = read_json(config_path)
     if not isinstance(raw, dict) or raw.get("model_type") != "llama":
         found = raw.get("model_type") if isinstance(raw, dict) else type(raw).__name__
         raise UserError(f"{config_path}: model_type is {found!r}, expected 'llama' "

@@ -44,7 +44,7 @@ from tqdm import tqdm
 from webdataset import TarWriter
 
 from mmcore.errors import UserError
-from mmcore.io import atomic_output_dir, atomic_write_json
+from mmcore.io import atomic_output_dir, atomic_write_json, read_json
 
 log = logging.getLogger(__name__)
 
@@ -136,16 +136,11 @@ def read_json_file(path: str | Path, flag: str = "--json") -> Any:
     """The parsed JSON file; a one-line :class:`UserError` naming it when missing or invalid."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{flag} file not found: {path}" + (" (it is a directory)" if path.is_dir() else ""))
+        return read_json(path, f"{flag} file")  # raises: "--json file not found: ..."
     try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
-    except UnicodeDecodeError as err:
-        raise UserError(f"{flag} {path}: not UTF-8 text: {err}") from None
-    except json.JSONDecodeError as err:
-        raise UserError(f"{flag} {path}: invalid JSON: {err}") from None
-    except RecursionError:
-        raise UserError(f"{flag} {path}: invalid JSON: nested too deeply") from None
+        return read_json(path)
+    except UserError as err:
+        raise UserError(f"{flag} {err}") from None
 
 
 def check_image_root(images: str | Path) -> Path:
