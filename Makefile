@@ -36,6 +36,7 @@ ablation: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/bench_data.py
 	$(PY) bench/bench_tokenizer.py
+	$(PY) bench/bench_unified.py --out runs/bench/unified_cpu.json
 
 clean:
 	rm -rf runs .pytest_cache .cache

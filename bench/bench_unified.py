@@ -134,6 +134,7 @@ def main() -> int:
               f"{row['step_s']:.3f} s/step (batch {args.batch} x {args.seq}), {row['achieved_tflops']:.3f} TFLOP/s, "
               f"MFU {row['mfu']:.1%}{mem}", flush=True)
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"peak": peak, "vocab": vocab.to_dict(), "rows": rows}, indent=2) + "\n")
     return 0
 

@@ -34,6 +34,7 @@ class Step(NamedTuple):
     what: str
     command: Callable[[Path], list[str]]
     report: Callable[[Path], str]
+    fresh: str = ""  # a folder under --out this step rewrites whole: removed first, so reruns start clean
 
 
 def read_json(path: Path) -> dict:
@@ -146,7 +147,7 @@ STEPS = [
                       "--tokenizer", str(out / "tokenizer_stage1" / "export"), "--data", str(out / "data"),
                       "--codes", str(out / "codes"), "--split", "test", "--tasks", "all", "--limit", "500",
                       "--vqa-per-image", "1", "--out", str(out / "eval")],
-         eval_report),
+         eval_report, fresh="eval"),
 ]
 
 
@@ -167,6 +168,8 @@ def write_report(out: Path, summary: dict) -> Path:
 
 def run_step(step: Step, out: Path, index: int, total: int) -> dict:
     print(f"\n=== [{index}/{total}] {step.name}: {step.what}", flush=True)
+    if step.fresh and (out / step.fresh).is_dir():
+        shutil.rmtree(out / step.fresh)  # eval refuses to mix answers of an earlier run into a new one
     command = step.command(out)
     print("$ " + " ".join(command), flush=True)
     start = time.perf_counter()
@@ -179,6 +182,16 @@ def run_step(step: Step, out: Path, index: int, total: int) -> dict:
     line = step.report(out)
     print(f"--- {step.name} done in {seconds:.1f} s: {line}", flush=True)
     return {"step": step.name, "seconds": round(seconds, 2), "result": line}
+
+
+def merge_results(path: Path, rerun: list[dict]) -> list[dict]:
+    """The previous summary's step results in STEPS order, with the rerun steps replaced."""
+    try:
+        previous = {r["step"]: r for r in json.loads(path.read_text())["steps"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        previous = {}
+    previous.update({r["step"]: r for r in rerun})
+    return [previous[s.name] for s in STEPS if s.name in previous]
 
 
 def main() -> int:
@@ -201,6 +214,9 @@ def main() -> int:
     start = time.perf_counter()
     results = [run_step(step, out, i + 1, len(steps)) for i, step in enumerate(steps)]
     total = time.perf_counter() - start
+    if wanted:  # a partial rerun: keep the other steps' results from the last full run
+        results = merge_results(out / "demo_summary.json", results)
+        total = sum(r["seconds"] for r in results)
     summary = {"out": str(out), "seconds": round(total, 1), "steps": results}
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     report = write_report(out, summary)
