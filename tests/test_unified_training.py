@@ -65,6 +65,8 @@ def test_resume_continues_with_the_same_data_and_losses(env, tmp_path):
     (tmp_path / "interrupted" / "checkpoints" / "latest").write_text("step_00000004")
     train(env, tmp_path / "interrupted", "steps=6", "save_every=2")
     continuous, resumed = losses(tmp_path / "continuous"), losses(tmp_path / "interrupted")
+    # DeepSpeed's copied recovery scripts unpickle unrestricted: they must not be left behind
+    assert not list((tmp_path / "interrupted" / "checkpoints").glob("zero_to_*.py"))
     assert sorted(resumed) == list(range(1, 7))  # the redone step is logged once
     for step in range(1, 7):
         assert resumed[step] == continuous[step], f"step {step}: {resumed[step]} != {continuous[step]}"

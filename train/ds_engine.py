@@ -67,7 +67,9 @@ YAML_OWNED_KEYS = {
     "optimizer": "optim.*",
     "scheduler": "optim.*",
 }
-TRAINER_STATE_KEY = "trainer_state"  # our namespace inside DeepSpeed's client_state
+TRAINER_STATE_KEY = "trainer_state"
+# Scripts DeepSpeed copies next to every checkpoint; they load pickles unrestricted, so we remove them.
+UNSAFE_RECOVERY_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")  # our namespace inside DeepSpeed's client_state
 LATEST_FILE = "latest"  # DeepSpeed's pointer file, written by us (atomically, after the rename)
 PARTIAL_PREFIX = ".partial-"  # a checkpoint being written
 TRASH_PREFIX = ".trash-"  # a checkpoint being deleted
@@ -462,6 +464,8 @@ def save_checkpoint(engine: deepspeed.DeepSpeedEngine, checkpoint_dir: str | Pat
         atomic_write_text(checkpoint_dir / LATEST_FILE, tag)
         _fsync(checkpoint_dir)
         rotate_checkpoints(checkpoint_dir, keep_last, step)
+        for script in UNSAFE_RECOVERY_SCRIPTS:  # they unpickle with weights_only=False if run by hand
+            (checkpoint_dir / script).unlink(missing_ok=True)  # consolidate_fp32 is the safe route
     barrier()  # nobody reads the checkpoint directory before it is committed
     return tag
 
