@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -38,11 +37,11 @@ from mmcore.io import atomic_write_json
 from mmcore.text_tokenizer import TextTokenizer
 from tokenizer.export import tokenizer_hash
 from train import ds_engine
-from train.distributed import (add_launcher_args, all_reduce_mean, barrier, init_distributed,
+from train.distributed import (add_launcher_args, barrier, init_distributed,
                                print_rank0, set_seed, shutdown_distributed)
 from train.faults import (StepGuard, check_skip_fraction, merged_skip_summary, step_delay,
                           validate_fault_config)
-from train.tokenizer import gather_positions, truncate_log
+from train.tokenizer import gather_positions
 from train.unified_log import RunLogger
 from unified_mm.data.mixture import MixedTaskStream, MixtureConfig, SourceConfig, eval_sequences
 from unified_mm.data.shards import SkipLog
