@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -40,13 +41,33 @@ from unified_mm.tokenizer_cli import read_manifest, read_precomputed  # noqa: E4
 from unified_mm.vocab import Vocab  # noqa: E402
 
 DEMO_MIX = {"vqa": 6.0, "caption": 1.0, "chat": 1.0, "t2i": 4.0, "text": 0.5}
-VARIANTS = {  # name: (preset, steps, lr, mixture start weights)
-    "mix_600": ("tiny", 600, 2e-3, DEMO_MIX),
-    "mix_2k": ("tiny", 2000, 2e-3, DEMO_MIX),
-    "mix_6k": ("tiny", 6000, 2e-3, DEMO_MIX),
-    "vqa_heavy_6k": ("tiny", 6000, 2e-3, {"vqa": 12.0, "caption": 1.0, "chat": 2.0, "t2i": 2.0, "text": 0.5}),
-    "lr1e-3_6k": ("tiny", 6000, 1e-3, DEMO_MIX),
-    "small_3k": ("small", 3000, 1e-3, DEMO_MIX),
+# Multi-question conversations instead of single questions (as LLaVA-1.5 packs an image's VQA
+# questions into one conversation): ~5 supervised answers per image for ~1.3x the tokens.
+MULTI_QA_MIX = {"vqa": 1.0, "caption": 1.0, "chat": 6.0, "t2i": 4.0, "text": 0.5}
+
+
+class Variant(NamedTuple):
+    preset: str
+    steps: int
+    lr: float
+    mixture: dict
+    chat_turns: int = 3
+    max_length: int = 192
+    batch: int = 0  # 0: --batch
+    bit_init: bool = False  # image-id embeddings initialised from their bit patterns
+
+
+VARIANTS = {
+    "mix_600": Variant("tiny", 600, 2e-3, DEMO_MIX),
+    "mix_750": Variant("tiny", 750, 2e-3, DEMO_MIX),
+    "mix_2k": Variant("tiny", 2000, 2e-3, DEMO_MIX),
+    "mix_6k": Variant("tiny", 6000, 2e-3, DEMO_MIX),
+    "vqa_heavy_6k": Variant("tiny", 6000, 2e-3, {"vqa": 12.0, "caption": 1.0, "chat": 2.0, "t2i": 2.0, "text": 0.5}),
+    "lr1e-3_6k": Variant("tiny", 6000, 1e-3, DEMO_MIX),
+    "small_3k": Variant("small", 3000, 1e-3, DEMO_MIX),
+    "multiqa_750": Variant("tiny", 750, 2e-3, MULTI_QA_MIX, chat_turns=5, max_length=224),
+    "multiqa_b16_1500": Variant("tiny", 1500, 2e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, batch=16),
+    "multiqa_bits_750": Variant("tiny", 750, 2e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True),
 }
 
 
@@ -76,24 +97,29 @@ def vqa_accuracy(model, builder: SequenceBuilder, codes: str, tok_hash: str, dev
 
 
 def run_variant(name: str, args) -> dict:
-    preset, steps, lr, mix = VARIANTS[name]
-    steps = args.steps or steps
+    variant = VARIANTS[name]
+    preset, lr, mix = variant.preset, variant.lr, variant.mixture
+    steps = args.steps or variant.steps
+    batch_size = variant.batch or args.batch
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     text = TextTokenizer(Path(args.tokenizer) / "text_tokenizer.model")
     manifest = read_manifest(args.codes)
     vocab = Vocab.for_tokenizers(text.vocab_size, manifest["num_bits"], manifest["group_size"], manifest["grid_size"])
-    builder = SequenceBuilder(text, vocab, 192)
+    builder = SequenceBuilder(text, vocab, variant.max_length)
     tok_hash = tokenizer_hash(args.tokenizer)
-    stream = MixedTaskStream([SourceConfig(codes=args.codes)], MixtureConfig(start=mix), builder,
+    stream = MixedTaskStream([SourceConfig(codes=args.codes)], MixtureConfig(start=mix, chat_turns=variant.chat_turns), builder,
                              tokenizer_hash=tok_hash, total_steps=steps, seed=0, rank=0, shuffle_buffer=2000)
     torch.manual_seed(0)
-    model = build_model(UnifiedModelConfig(preset=preset), vocab).to(device)
+    model = build_model(UnifiedModelConfig(preset=preset, image_embedding_init="bits" if variant.bit_init else "default"),
+                        vocab).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(50, steps, 0.1))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     curve, start = [], time.perf_counter()
     for step in range(1, steps + 1):
-        batch = stream.next_batch(args.batch, step, text.pad_id)
+        batch = stream.next_batch(batch_size, step, text.pad_id)
         with autocast:
             logits = model(input_ids=batch.ids.to(device), attention_mask=batch.attention_mask.to(device)).logits
         token_losses = modality_token_losses(logits, batch.labels.to(device), vocab)
@@ -111,7 +137,8 @@ def run_variant(name: str, args) -> dict:
             with open(Path(args.out) / "budget_curve.jsonl", "a", encoding="utf-8") as handle:
                 handle.write(json.dumps({"variant": name, **point}) + "\n")
     final = vqa_accuracy(model, builder, args.codes, tok_hash, device, 1000)
-    return {"variant": name, "preset": preset, "steps": steps, "lr": lr, "mixture": mix, "batch": args.batch,
+    return {"variant": name, "preset": preset, "steps": steps, "lr": lr, "mixture": mix, "batch": batch_size,
+            "chat_turns": variant.chat_turns, "bit_init": variant.bit_init,
             "seconds": round(time.perf_counter() - start, 1), **final, "curve": curve}
 
 
@@ -124,6 +151,7 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=32, help="sequences per step (the demo: 2 ranks x 16)")
     parser.add_argument("--steps", type=int, default=0, help="override every variant's steps (smoke runs)")
     parser.add_argument("--eval-every", type=int, default=500)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per variant (0: torch's default)")
     parser.add_argument("--jobs", type=int, default=1, help="variants run at once (subprocesses)")
     parser.add_argument("--out", default="runs/unified_budget")
     parser.add_argument("--worker", default="", help=argparse.SUPPRESS)
@@ -138,7 +166,8 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     passthrough = ["--codes", args.codes, "--tokenizer", args.tokenizer, "--device", args.device, "--out", args.out, "--batch",
-                   str(args.batch), "--steps", str(args.steps), "--eval-every", str(args.eval_every)]
+                   str(args.batch), "--steps", str(args.steps), "--eval-every", str(args.eval_every),
+                   "--threads", str(args.threads)]
     pending, running = list(names), []
     while pending or running:
         while pending and len(running) < args.jobs:

@@ -177,3 +177,34 @@ def test_pretrained_errors_are_named(tmp_path):
     weights_path.unlink()
     with pytest.raises(UserError, match="missing model.safetensors"):
         build_model(UnifiedModelConfig(pretrained=str(tmp_path / "llama")), EXT_VOCAB)
+
+
+def test_bit_pattern_init_of_image_rows():
+    """image_embedding_init=bits: every image row is a fixed linear map of its code's ±1 bits (so
+    rows are affine in the bits, and codes differing in one bit differ by one column); text rows
+    and the global RNG stream are untouched; 'default' leaves the preset's init as it was."""
+    cfg = UnifiedModelConfig(overrides=SMALL)
+    torch.manual_seed(0)
+    plain = build_model(cfg, SHAPES)
+    after_plain = torch.rand(3)
+    torch.manual_seed(0)
+    bits = build_model(UnifiedModelConfig(overrides=SMALL, image_embedding_init="bits"), SHAPES)
+    assert torch.equal(torch.rand(3), after_plain)  # the init used a private generator
+    start = SHAPES.image_start
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        old, new = getattr(plain, getter)().weight, getattr(bits, getter)().weight
+        assert torch.equal(old[:start], new[:start])
+        for group in range(SHAPES.num_groups):
+            lo, hi = SHAPES.group_range(group)
+            signs = SHAPES.code_bits(torch.arange(SHAPES.group_vocab)).float() * 2 - 1  # (64, 6)
+            # least squares recovers the projection exactly: the rows are linear in the signs
+            solution = torch.linalg.lstsq(signs, new[lo:hi].detach()).solution  # (6, hidden)
+            assert torch.allclose(signs @ solution, new[lo:hi], atol=1e-6)
+            assert 0.5 < float(new[lo:hi].std() / old[:start].std()) < 2  # the default init's scale
+    with pytest.raises(Exception, match="image_embedding_init"):
+        UnifiedModelConfig(image_embedding_init="zeros").validate()
+
+
+def test_code_bits_are_msb_first():
+    bits = SHAPES.code_bits(torch.tensor([0, 1, 32, 63]))
+    assert bits.int().tolist() == [[0] * 6, [0, 0, 0, 0, 0, 1], [1, 0, 0, 0, 0, 0], [1] * 6]

@@ -74,6 +74,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 ATTENTION_CHOICES = ("auto", "sdpa", "eager", "flash_attention_2")
+IMAGE_INIT_CHOICES = ("default", "bits")
 
 # Fields the vocabulary decides; an override of them would break the id layout.
 _VOCAB_FIELDS = ("vocab_size", "pad_token_id", "bos_token_id", "eos_token_id")
@@ -93,6 +94,10 @@ class UnifiedModelConfig:
     attn_implementation: str = "auto"  # auto | sdpa | eager | flash_attention_2
     gradient_checkpointing: bool = False
     overrides: dict = field(default_factory=dict)  # LlamaConfig fields over the preset row / pretrained config
+    # How the image ids' embedding and output rows start: "default" (the preset's random init, or
+    # the mean row when extending a pretrained model) or "bits" (a fixed random linear map of the
+    # code's ±1 bits, see init_image_rows_from_bits). Only the start differs; loading ignores it.
+    image_embedding_init: str = "default"
 
     def validate(self) -> None:
         if self.preset not in PRESETS:
@@ -101,6 +106,9 @@ class UnifiedModelConfig:
             raise ConfigError(f"model.attn_implementation {self.attn_implementation!r} is not one of "
                               f"{', '.join(ATTENTION_CHOICES)}")
         _check_overrides(self.overrides)
+        if self.image_embedding_init not in IMAGE_INIT_CHOICES:
+            raise ConfigError(f"model.image_embedding_init {self.image_embedding_init!r} is not one of "
+                              f"{', '.join(IMAGE_INIT_CHOICES)}")
 
 
 def _check_overrides(overrides: dict) -> None:
@@ -220,6 +228,8 @@ def build_model(cfg: UnifiedModelConfig, vocab: Vocab, text_pieces: int | None =
     else:
         model = _load_pretrained(Path(cfg.pretrained), cfg.overrides, n_text, attn)
         extend_vocabulary(model, vocab)
+    if cfg.image_embedding_init == "bits":
+        init_image_rows_from_bits(model, vocab)
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model.train()
@@ -310,6 +320,33 @@ def extend_vocabulary(model: LlamaForCausalLM, vocab: Vocab) -> LlamaForCausalLM
         for key, value in _vocab_fields(vocab).items():
             if key != "vocab_size" or target is model.config:
                 setattr(target, key, value)
+    return model
+
+
+@torch.no_grad()
+def init_image_rows_from_bits(model: LlamaForCausalLM, vocab: Vocab, seed: int = 0) -> LlamaForCausalLM:
+    """Set the image ids' input (and untied output) rows to a random linear map of their bits.
+
+    Row of group k, code c: ``R_k · s(c) · std / sqrt(g)`` with ``s(c)`` the code's g bits as ±1
+    (MSB first, :meth:`Vocab.code_bits`), ``R_k`` a fixed N(0, 1) matrix (hidden × g) per group and
+    ``std`` the config's ``initializer_range``, so each element has the default init's scale. Codes
+    that share bits start with similar embeddings, and the output logit of a code starts as a sum
+    of per-bit terms: the model need not discover the codebook's structure from scratch. A private
+    generator (``seed``) keeps the global RNG stream untouched.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    std = float(model.config.initializer_range)
+    signs = vocab.code_bits(torch.arange(vocab.group_vocab)).float() * 2 - 1  # (2^g, g) in ±1
+    embed = model.get_input_embeddings().weight
+    output = model.get_output_embeddings()
+    matrices = [embed] if output is None or output.weight is embed else [embed, output.weight]
+    for weight in matrices:
+        hidden = weight.shape[1]
+        for group in range(vocab.num_groups):
+            start, stop = vocab.group_range(group)
+            projection = torch.randn(hidden, vocab.group_size, generator=generator)  # (hidden, g)
+            rows = signs @ projection.T * (std / vocab.group_size ** 0.5)  # (2^g, hidden)
+            weight[start:stop] = rows.to(weight.dtype)
     return model
 
 

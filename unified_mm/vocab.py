@@ -136,6 +136,10 @@ class Vocab:
         """Unified ids ``(..., N·G)`` → bits ``(..., N, L)`` in {0, 1}."""
         return group_indices_to_bits(self.ids_to_codes(ids), self.group_size)
 
+    def code_bits(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes of one group ``(...)`` in [0, 2^g) → their g bits ``(..., g)`` in {0, 1}, MSB first."""
+        return group_indices_to_bits(torch.as_tensor(codes).long().unsqueeze(-1), self.group_size)
+
     # -- masks for the modality-separated softmax ----------------------------------------------------
     def allowed_mask(self, group: int, device: torch.device | str | None = None) -> torch.Tensor:
         """Bool ``(size,)``: the ids a position may score/sample; ``group`` = :data:`TEXT` for text
