@@ -67,6 +67,10 @@ VARIANTS = {
     "small_3k": Variant("small", 3000, 1e-3, DEMO_MIX),
     "multiqa_750": Variant("tiny", 750, 2e-3, MULTI_QA_MIX, chat_turns=5, max_length=224),
     "multiqa_b16_1500": Variant("tiny", 1500, 2e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, batch=16),
+    "multiqa_bits_b16_1500": Variant("tiny", 1500, 2e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, batch=16,
+                                     bit_init=True),
+    "multiqa_550": Variant("tiny", 550, 2e-3, MULTI_QA_MIX, chat_turns=5, max_length=224),
+    "multiqa_bits_lr4e-3_550": Variant("tiny", 550, 4e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True),
     "multiqa_bits_750": Variant("tiny", 750, 2e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True),
 }
 

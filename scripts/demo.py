@@ -145,7 +145,7 @@ STEPS = [
     Step("eval", "evaluate every task on the test split (answers, scores, sample grids)",
          lambda out: [sys.executable, "-m", "eval.run", "--model", str(out / "unified" / "export"),
                       "--tokenizer", str(out / "tokenizer_stage1" / "export"), "--data", str(out / "data"),
-                      "--codes", str(out / "codes"), "--split", "test", "--tasks", "all", "--limit", "500",
+                      "--codes", str(out / "codes"), "--split", "test", "--tasks", "all", "--limit", "300",
                       "--vqa-per-image", "1", "--out", str(out / "eval")],
          eval_report, fresh="eval"),
 ]

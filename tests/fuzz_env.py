@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import collections
 import io
+import shutil
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -78,3 +80,11 @@ def npy(array) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=True)
     return buffer.getvalue()
+
+
+def run_on_copy(outcomes: Outcomes, reader: str, name: str, source: Path, directory: Path,
+                mutate: Callable[[Path], None], load: Callable[[Path], Any]) -> None:
+    """Copy the export ``source`` to ``directory``, damage it with ``mutate``, load it with ``load``."""
+    shutil.copytree(source, directory)
+    mutate(directory)
+    outcomes.run(reader, name, lambda: load(directory))

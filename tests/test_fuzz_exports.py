@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from fuzz_env import SEED, npy, outcomes  # noqa: F401, F811 -- outcomes is a fixture
+from fuzz_env import SEED, npy, outcomes, run_on_copy  # noqa: F401, F811 -- outcomes is a fixture
 
 
 # ---------------------------------------------------------------------------------------------
@@ -85,10 +85,7 @@ def test_load_tokenizer(exports, tmp_path, outcomes):
     config = json.loads((source / "config.json").read_text())
 
     def variant(name: str, mutate: Callable[[Path], None]) -> None:
-        directory = tmp_path / f"qlip-{name}"
-        shutil.copytree(source, directory)
-        mutate(directory)
-        outcomes.run("load_tokenizer", name, lambda: load_tokenizer(directory))
+        run_on_copy(outcomes, "load_tokenizer", name, source, tmp_path / f"qlip-{name}", mutate, load_tokenizer)
 
     def set_config(**qlip_overrides) -> Callable[[Path], None]:
         def mutate(directory: Path) -> None:
@@ -140,10 +137,7 @@ def test_load_unified(exports, tmp_path, outcomes):
     llama = json.loads((source / "config.json").read_text())
 
     def variant(name: str, mutate: Callable[[Path], None]) -> None:
-        directory = tmp_path / f"unified-{name}"
-        shutil.copytree(source, directory)
-        mutate(directory)
-        outcomes.run("load_unified", name, lambda: load_unified(directory))
+        run_on_copy(outcomes, "load_unified", name, source, tmp_path / f"unified-{name}", mutate, load_unified)
 
     def write(file: str, obj: Any) -> Callable[[Path], None]:
         return lambda d: (d / file).write_text(json.dumps(obj))

@@ -14,7 +14,7 @@ from tokenizer.qlip import (
 )
 from tokenizer.text_encoder import TextEncoder
 from tokenizer.vit import (
-    Attention, ViTEncoder, apply_rope, grid_coords, patch_rope_angles, rope_2d_angles,
+    Attention, ViTEncoder, apply_rope, grid_coords, patch_rope_angles, rope_2d_angles, rope_table,
 )
 
 B = 3
@@ -154,6 +154,18 @@ def test_rope_preserves_norms():
     rotated = apply_rope(x, rope_2d_angles(grid_coords(4, 4), 32))
     assert torch.allclose(rotated.norm(dim=-1), x.norm(dim=-1), atol=1e-5)
     assert not torch.allclose(rotated, x)
+
+
+def test_rope_is_complex_multiplication_of_pairs():
+    """Pair (x[2i], x[2i+1]) as x[2i] + j·x[2i+1], times e^{j·angle_i}: the definition, against the
+    precomputed-table implementation (and the table built once equals the table built per call)."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 2, 16, 32)
+    angles = rope_2d_angles(grid_coords(4, 4), 32)
+    expected = torch.view_as_real(torch.view_as_complex(x.unflatten(-1, (-1, 2)).contiguous())
+                                  * torch.polar(torch.ones_like(angles), angles)).flatten(-2)
+    assert torch.allclose(apply_rope(x, angles), expected, atol=1e-6)
+    assert torch.equal(apply_rope(x, rope_table(angles)), apply_rope(x, angles))
 
 
 def test_rope_scores_depend_only_on_relative_position():

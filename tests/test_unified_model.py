@@ -200,7 +200,7 @@ def test_bit_pattern_init_of_image_rows():
             # least squares recovers the projection exactly: the rows are linear in the signs
             solution = torch.linalg.lstsq(signs, new[lo:hi].detach()).solution  # (6, hidden)
             assert torch.allclose(signs @ solution, new[lo:hi], atol=1e-6)
-            assert 0.5 < float(new[lo:hi].std() / old[:start].std()) < 2  # the default init's scale
+            assert 0.5 < float(new[lo:hi].detach().std() / old[:start].detach().std()) < 2  # default init scale
     with pytest.raises(Exception, match="image_embedding_init"):
         UnifiedModelConfig(image_embedding_init="zeros").validate()
 
