@@ -376,17 +376,24 @@ def test_nonfinite_step_leaves_engine_untouched(tmp_path):
 # Kill -9 and resume (2 processes, DeepSpeed launcher)
 # ---------------------------------------------------------------------------------------------
 
+def reference_then_kill(script: str, args_for, data, steps: list[str], ref: Path, out: Path, tmp_path: Path,
+                        prefix: str) -> int:
+    """An uninterrupted reference run of ``script`` (torchrun) into ``ref``, then the same run under
+    the DeepSpeed launcher into ``out``, killed with -9 once a random step in 3..5 is logged; returns
+    the last step it logged. ``args_for(data, out_dir, *steps)`` builds the script's arguments."""
+    run(torchrun(script, *args_for(data, ref, *steps)), run_env(tmp_path / f"{prefix}0"), tmp_path / "reference.log")
+    kill_at = random.randint(3, 5)
+    print(f"killing {script} once step {kill_at} is logged")
+    return run_and_kill(ds_launch(script, *args_for(data, out, *steps)),
+                        run_env(tmp_path / f"{prefix}1", QLIP_FAULT_STEP_DELAY_S="0.4"), tmp_path / "killed.log",
+                        out, kill_at)
+
+
 def test_tokenizer_kill9_resumes_with_identical_losses(data, tmp_path):
     # 6 bad samples in 70: up to ~15% of the samples read so far early in an epoch, so allow 25%
     steps = ["steps=6", "save_every=2", "max_skip_fraction=0.25"]
     ref, killed = tmp_path / "reference", tmp_path / "killed"
-    run(torchrun("train/tokenizer.py", *tokenizer_args(data, ref, *steps)), run_env(tmp_path / "t0"),
-        tmp_path / "reference.log")
-    kill_at = random.randint(3, 5)
-    print(f"killing the tokenizer run once step {kill_at} is logged")
-    last = run_and_kill(ds_launch("train/tokenizer.py", *tokenizer_args(data, killed, *steps)),
-                        run_env(tmp_path / "t1", QLIP_FAULT_STEP_DELAY_S="0.4"), tmp_path / "killed.log",
-                        killed, kill_at)
+    last = reference_then_kill("train/tokenizer.py", tokenizer_args, data, steps, ref, killed, tmp_path, "t")
     assert not (killed / "export").exists()
     resume_from = latest_step(killed)
     assert 2 <= resume_from <= last
@@ -406,14 +413,8 @@ def test_tokenizer_kill9_resumes_with_identical_losses(data, tmp_path):
 def test_unified_kill9_then_kill_in_save_resumes_with_identical_losses(data, tmp_path):
     steps = ["steps=6", "save_every=2", "keep_last=2"]
     ref, out = tmp_path / "reference", tmp_path / "faulty"
-    run(torchrun("train/unified.py", *unified_args(data, ref, *steps)), run_env(tmp_path / "u0"),
-        tmp_path / "reference.log")
     # 1. kill -9 at a random step
-    kill_at = random.randint(3, 5)
-    print(f"killing the unified run once step {kill_at} is logged")
-    last = run_and_kill(ds_launch("train/unified.py", *unified_args(data, out, *steps)),
-                        run_env(tmp_path / "u1", QLIP_FAULT_STEP_DELAY_S="0.4"), tmp_path / "killed.log", out,
-                        kill_at)
+    last = reference_then_kill("train/unified.py", unified_args, data, steps, ref, out, tmp_path, "u")
     first_resume = latest_step(out)
     assert 2 <= first_resume <= last
     # 2. resume, and die while writing the next checkpoint (after the shards, before the rename)
