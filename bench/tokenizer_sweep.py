@@ -70,7 +70,7 @@ from tokenizer.qlip import QLIP, count_parameters, preset_config  # noqa: E402
 from train.distributed import set_seed  # noqa: E402  (deepspeed is imported lazily there, never here)
 from train.optim import WarmupCosine, param_groups  # noqa: E402
 from train.tokenizer_config import TokenizerTrainConfig, lr_prefixes  # noqa: E402
-from train.tokenizer_data import image_text_batches  # noqa: E402
+from train.tokenizer_data import image_text_batches, with_negatives  # noqa: E402
 from train.tokenizer_loss import stage1_loss_terms  # noqa: E402
 
 from bench.sweep_report import Results, summary_line  # noqa: E402
@@ -254,10 +254,10 @@ def train_variant(cfg: TokenizerTrainConfig, ranks: int, device: torch.device, o
                 pixels = batch.pixels.to(device, non_blocking=True)
                 text_ids = mask = None
                 if use_text:
-                    text_ids = batch.text_ids.to(device, non_blocking=True)
-                    mask = batch.attention_mask.to(device, non_blocking=True)
+                    text_ids, mask = (t.to(device, non_blocking=True) for t in with_negatives(batch))
                 out = model(pixels, text_ids, mask)
-                total, terms = stage1_loss_terms(model, out, pixels, batch.labels, weights)
+                total, terms = stage1_loss_terms(model, out, pixels, batch.labels, weights,
+                                                 batch.negative_labels if use_text else None)
                 (total / accum).backward()  # DeepSpeed also divides by the accumulation steps
                 terms["total"] = total
                 for key, value in terms.items():

@@ -33,8 +33,9 @@ import torch  # noqa: E402
 from mmcore.text_tokenizer import TextTokenizer  # noqa: E402
 from tokenizer.export import tokenizer_hash  # noqa: E402
 from train.optim import WarmupCosine  # noqa: E402
-from unified_mm.data.mixture import MixedTaskStream, MixtureConfig, SourceConfig  # noqa: E402
-from unified_mm.loss import modality_token_losses  # noqa: E402
+from unified_mm.data.mixture import MixedTaskStream, MixtureConfig, SourceConfig, eval_sequences  # noqa: E402
+from unified_mm.quick_eval import heldout_losses  # noqa: E402
+from unified_mm.loss import modality_token_losses, weighted_mean_loss  # noqa: E402
 from unified_mm.model import UnifiedModelConfig, build_model  # noqa: E402
 from unified_mm.sequence import IGNORE_INDEX, SequenceBuilder, collate  # noqa: E402
 from unified_mm.tokenizer_cli import read_manifest, read_precomputed  # noqa: E402
@@ -55,6 +56,7 @@ class Variant(NamedTuple):
     max_length: int = 192
     batch: int = 0  # 0: --batch
     bit_init: bool = False  # image-id embeddings initialised from their bit patterns
+    image_weight: float = 1.0  # loss weight of image-id targets (unified_mm.loss.weighted_mean_loss)
 
 
 VARIANTS = {
@@ -72,6 +74,12 @@ VARIANTS = {
     "multiqa_550": Variant("tiny", 550, 2e-3, MULTI_QA_MIX, chat_turns=5, max_length=224),
     "multiqa_bits_lr4e-3_550": Variant("tiny", 550, 4e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True),
     "multiqa_lr4e-3_550": Variant("tiny", 550, 4e-3, MULTI_QA_MIX, chat_turns=5, max_length=224),
+    "iw0.25_550": Variant("tiny", 550, 4e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True,
+                          image_weight=0.25),
+    "iw0.1_550": Variant("tiny", 550, 4e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True,
+                         image_weight=0.1),
+    "iw0.5_550": Variant("tiny", 550, 4e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True,
+                         image_weight=0.5),
     "multiqa_bits_550": Variant("tiny", 550, 2e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True),
     "multiqa_bits_750": Variant("tiny", 750, 2e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True),
 }
@@ -129,7 +137,7 @@ def run_variant(name: str, args) -> dict:
         with autocast:
             logits = model(input_ids=batch.ids.to(device), attention_mask=batch.attention_mask.to(device)).logits
         token_losses = modality_token_losses(logits, batch.labels.to(device), vocab)
-        loss = token_losses.losses.sum() / token_losses.mask.sum().clamp(min=1)
+        loss = weighted_mean_loss(token_losses, batch.labels, vocab, variant.image_weight)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -143,8 +151,13 @@ def run_variant(name: str, args) -> dict:
             with open(Path(args.out) / "budget_curve.jsonl", "a", encoding="utf-8") as handle:
                 handle.write(json.dumps({"variant": name, **point}) + "\n")
     final = vqa_accuracy(model, builder, args.codes, tok_hash, device, 1000)
+    # what a loss weighting costs the other tasks: held-out per-task losses on val (64 each)
+    held = eval_sequences(SourceConfig(codes=args.codes, split="val"), MixtureConfig(start=mix, chat_turns=variant.chat_turns),
+                          builder, tokenizer_hash=tok_hash, per_task=64)
+    final.update({f"heldout_{task}": round(value, 4)
+                  for task, value in heldout_losses(model, vocab, held, pad_id=text.pad_id).items()})
     return {"variant": name, "preset": preset, "steps": steps, "lr": lr, "mixture": mix, "batch": batch_size,
-            "chat_turns": variant.chat_turns, "bit_init": variant.bit_init,
+            "chat_turns": variant.chat_turns, "bit_init": variant.bit_init, "image_weight": variant.image_weight,
             "seconds": round(time.perf_counter() - start, 1), **final, "curve": curve}
 
 

@@ -9,7 +9,9 @@ align-only and PSNR within 1 dB of recon-only.
     python scripts/ablation.py [--out runs/ablation] [--data runs/demo/data] [key=value ...]
 
 It needs the demo's data and text tokenizer (``make demo`` makes them); extra ``key=value``
-arguments go to every run (e.g. ``steps=100`` for a quick look).
+arguments go to every run (e.g. ``steps=100`` for a quick look). The runs use a fixed step
+count (``FIXED_BUDGET``, the demo config's wall-clock budget switched off): with a time budget
+the arms' lengths would depend on the machine's speed while each ran.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from train.distributed import find_free_port  # noqa: E402  (after making the repo importable)
+FIXED_BUDGET = ["time_budget_s=0", "steps=900"]  # the demo's step count in a fast phase
 RUNS = {  # name -> loss-weight overrides
     "align-only": ["weights.recon=0.0"],
     "recon-only": ["weights.align=0.0"],
@@ -35,7 +38,7 @@ def run(name: str, out: Path, data: Path, extra: list[str]) -> dict:
                "--master_port", str(find_free_port()), "train/tokenizer.py",
                "--config", "configs/tokenizer/tiny_stage1.yaml", f"data.data={data}",
                f"data.text_tokenizer={data.parent / 'text_tokenizer.model'}",
-               f"out_dir={out / name}", "resume=false", *RUNS[name], *extra]
+               f"out_dir={out / name}", "resume=false", *FIXED_BUDGET, *RUNS[name], *extra]
     print(f"\n=== {name}\n$ {' '.join(command)}", flush=True)
     result = subprocess.run(command, cwd=ROOT, env=os.environ.copy())
     if result.returncode != 0:

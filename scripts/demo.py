@@ -61,14 +61,22 @@ def smoke_report(out: Path) -> str:
             f"resume/consolidation checks {'passed' if summary['all_passed'] else 'FAILED'}")
 
 
+def steps_text(metrics: dict) -> str:
+    """"900 steps", or "1,130 steps planned in a 320 s budget" for a budgeted run."""
+    budget = metrics.get("time_budget")
+    if budget:
+        return f"{metrics['steps']:,} steps in a {budget['budget_s']:.0f} s budget"
+    return f"{metrics['steps']:,} steps"
+
+
 def tokenizer_report(stage: int) -> Callable[[Path], str]:
     def report(out: Path) -> str:
         result = read_json(out / f"tokenizer_stage{stage}" / "metrics.json")
         m = result["metrics"]
-        parts = [f"PSNR {m['psnr_db']:.1f} dB", f"judge on recon {m['judge_recon_acc']:.1%}",
+        parts = [steps_text(result), f"PSNR {m['psnr_db']:.1f} dB", f"judge on recon {m['judge_recon_acc']:.1%}",
                  f"codes {m['code_entropy_bits']:.1f}/{m['code_entropy_bits'] / m['code_entropy_fraction']:.0f} bits"]
         if "zero_shot_acc" in m:
-            parts.insert(0, f"zero-shot colour+shape {m['zero_shot_acc']:.1%} ({m['zero_shot_images']} imgs)")
+            parts.insert(1, f"zero-shot colour+shape {m['zero_shot_acc']:.1%} ({m['zero_shot_images']} imgs)")
         return ", ".join(parts)
     return report
 
@@ -85,7 +93,7 @@ def unified_report(out: Path) -> str:
     first, final = metrics["first_eval"], metrics["final_eval"]
     losses = ", ".join(f"{k.split('/')[-1]} {first[k]:.2f}->{final[k]:.2f}" for k in sorted(final))
     vqa = metrics.get("vqa_greedy", {})
-    return f"held-out loss {losses}; greedy VQA {vqa.get('accuracy', float('nan')):.1%}"
+    return f"{steps_text(metrics)}; held-out loss {losses}; greedy VQA {vqa.get('accuracy', float('nan')):.1%}"
 
 
 def eval_report(out: Path) -> str:

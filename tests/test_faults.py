@@ -71,13 +71,14 @@ def torchrun(script: str, *args: str) -> list[str]:
 def tokenizer_args(data: dict, out_dir: Path, *extra: str) -> list[str]:
     return ["--config", "configs/tokenizer/tiny_stage1.yaml", f"out_dir={out_dir}", f"data.data={data['tok_data']}",
             f"data.text_tokenizer={data['text_model']}", "engine.micro_batch_size=8", "log_every=1",
-            "eval_images=8", "optim.warmup_steps=1", "data.shuffle_buffer=16", *TINY_MODEL, *extra]
+            "eval_images=8", "optim.warmup_steps=1", "data.shuffle_buffer=16", "time_budget_s=0",
+            *TINY_MODEL, *extra]
 
 
 def unified_args(data: dict, out_dir: Path, *extra: str) -> list[str]:
     return ["--config", "configs/unified/tiny.yaml", f"out_dir={out_dir}", f"data.tokenizer={data['tokenizer']}",
             f"data.sources=[{{codes: {data['codes']}, split: train}}]",
-            f"data.val={{codes: {data['codes']}, split: val}}", *UNIFIED_TINY, *extra]
+            f"data.val={{codes: {data['codes']}, split: val}}", "time_budget_s=0", *UNIFIED_TINY, *extra]
 
 
 def run(command: list[str], env: dict, log: Path, expect_ok: bool = True) -> subprocess.CompletedProcess:

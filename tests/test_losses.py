@@ -15,7 +15,7 @@ from mmcore.errors import UserError
 from tokenizer.losses import (
     ClipLossOutput, EncoderBlockFeatures, GANConfig, LPIPSVGG, PatchDiscriminator,
     PerceptualConfig, PerceptualLoss, adaptive_gan_weight, build_perceptual_loss, clip_loss,
-    discriminator_loss, generator_loss, label_ids, mse_loss, positives_from_labels, psnr,
+    discriminator_loss, generator_loss, label_ids, mse_loss, positives_between, positives_from_labels, psnr,
     r1_penalty,
 )
 from tokenizer.vit import ViTConfig, ViTEncoder
@@ -104,6 +104,37 @@ def test_soft_targets_match_explicit_formula():
     torch.testing.assert_close(out.loss, expected)
 
 
+def test_hard_negatives_join_the_image_softmax_only():
+    img, txt, neg = embeds(4, seed=11), embeds(4, seed=12), embeds(6, seed=13)
+    labels = LABELS[:4]
+    negative_labels = ["blue circle", "red square", "blue square", "tiny star", "red cross", "green dot"]
+    negative_positives = positives_between(labels, negative_labels)
+    assert negative_positives.shape == (4, 6) and negative_positives.sum() == 1  # image 1 = "blue square"
+    assert negative_positives[1, 2]
+    out = clip_loss(img, txt, torch.tensor(math.log(10.0)), positives_from_labels(labels),
+                    negative_embeds=neg, negative_positives=negative_positives)
+    logits = 10.0 * img @ txt.T
+    extended = torch.cat([logits, 10.0 * img @ neg.T], 1)  # (4, 4 + 6)
+    positives = positives_from_labels(labels)  # images 0 and 2 are both "red circle"
+    image_targets = torch.cat([positives, negative_positives], 1)
+
+    def soft(rows, targets):
+        return torch.stack([-(row.log_softmax(0)[mask]).sum() / mask.sum() - mask.sum().float().log()
+                            for row, mask in zip(rows, targets)]).mean()
+
+    image_side = soft(extended, image_targets)
+    text_side = soft(logits.T, positives.T)  # negatives have no image: this side is untouched
+    torch.testing.assert_close(out.loss, 0.5 * (image_side + text_side))
+    # no negatives at all, or an empty set, is the plain loss
+    plain = clip_loss(img, txt, torch.tensor(math.log(10.0)), positives_from_labels(labels))
+    empty = clip_loss(img, txt, torch.tensor(math.log(10.0)), positives_from_labels(labels),
+                      negative_embeds=neg[:0], negative_positives=torch.zeros(4, 0, dtype=torch.bool))
+    torch.testing.assert_close(empty.loss, plain.loss)
+    assert out.loss > plain.loss  # more competitors for every image
+    with pytest.raises(ValueError, match="negative_positives"):
+        clip_loss(img, txt, torch.tensor(1.0), negative_embeds=neg, negative_positives=negative_positives[:, :2])
+
+
 def test_positives_validation_and_label_ids():
     img = embeds(3)
     with pytest.raises(ValueError, match="diagonal"):
@@ -124,6 +155,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+NEGATIVES = embeds(5, seed=21)
+NEGATIVE_LABELS = ["blue circle", "red circle", "green square", "tiny star", "blue cross"]
+
+
 def _dist_worker(rank, world, port, out_dir, img, txt, scale, cases):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
@@ -141,6 +176,16 @@ def _dist_worker(rank, world, port, out_dir, img, txt, scale, cases):
                                 positives=positives, img_grad=local_img.grad,
                                 txt_grad=local_txt.grad, scale_grad=local_scale.grad,
                                 ids=label_ids(LABELS[lo:hi])))
+        # hard negatives, split unevenly (rank 0 holds 1, rank 1 holds 4)
+        lo, hi = [(0, 4), (4, 8)][rank]
+        n_lo, n_hi = [(0, 1), (1, 5)][rank]
+        local_img, local_neg = leaves(img[lo:hi], NEGATIVES[n_lo:n_hi])
+        negative_positives = positives_between(LABELS[lo:hi], NEGATIVE_LABELS[n_lo:n_hi])
+        out = clip_loss(local_img, txt[lo:hi], scale, positives_from_labels(LABELS[lo:hi]),
+                        negative_embeds=local_neg, negative_positives=negative_positives)
+        out.loss.backward()
+        results.append(dict(loss=out.loss.detach(), neg_grad=local_neg.grad, img_grad=local_img.grad,
+                            negative_positives=negative_positives))
         torch.save(results, out_dir / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -169,6 +214,19 @@ def test_two_rank_gathered_loss_equals_full_batch(tmp_path):
             torch.testing.assert_close(got["img_grad"], factor * full_img.grad[lo:hi])
             torch.testing.assert_close(got["txt_grad"], factor * full_txt.grad[lo:hi])
             torch.testing.assert_close(got["scale_grad"], full_scale.grad)  # replicated: exact
+    # with hard negatives gathered from both ranks: the full-batch loss, gradients on local rows
+    full_img, full_neg = leaves(img, NEGATIVES)
+    full_negative_positives = positives_between(LABELS, NEGATIVE_LABELS)
+    assert full_negative_positives.sum() == 3  # "red circle" appears three times in LABELS
+    with_negatives = clip_loss(full_img, txt, scale, positives, negative_embeds=full_neg,
+                               negative_positives=full_negative_positives)
+    with_negatives.loss.backward()
+    for rank, ((lo, hi), (n_lo, n_hi)) in enumerate(zip([(0, 4), (4, 8)], [(0, 1), (1, 5)])):
+        got = ranks[rank][len(cases)]
+        torch.testing.assert_close(got["loss"], with_negatives.loss.detach())
+        assert torch.equal(got["negative_positives"], full_negative_positives)
+        torch.testing.assert_close(got["neg_grad"], full_neg.grad[n_lo:n_hi])
+        torch.testing.assert_close(got["img_grad"], full_img.grad[lo:hi])
 
 
 # ---------------------------------------------------------------------------------------------

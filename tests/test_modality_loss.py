@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from unified_mm.loss import (TokenLosses, constrain_logits, modality_loss, modality_token_losses,
-                             per_task_losses)
+                             per_task_losses, weighted_mean_loss)
 from unified_mm.sequence import IGNORE_INDEX
 from unified_mm.vocab import TEXT, Vocab
 
@@ -66,6 +66,25 @@ def test_bf16_logits_upcast():
     assert torch.allclose(token_losses.losses.double(), brute_force(logits.float(), labels), atol=1e-4)
     huge = logits.float() * 0 + 3e4  # large but finite logits stay finite
     assert torch.isfinite(modality_loss(huge.bfloat16(), labels, VOCAB))
+
+
+def test_image_token_weight_by_hand():
+    logits, labels = make_batch(seed=3)
+    token_losses = modality_token_losses(logits, labels, VOCAB)
+    expected = brute_force(logits, labels)  # (B, T-1) float64, 0 where ignored
+    targets = labels[:, 1:]
+    image = (targets >= VOCAB.image_start) & (targets != IGNORE_INDEX)
+    text = (targets < VOCAB.image_start) & (targets != IGNORE_INDEX)
+    assert image.any() and text.any()
+    plain = weighted_mean_loss(token_losses, labels, VOCAB, 1.0)
+    torch.testing.assert_close(plain, modality_loss(logits, labels, VOCAB))
+    text_only = weighted_mean_loss(token_losses, labels, VOCAB, 0.0)
+    torch.testing.assert_close(text_only.double(), expected[text].mean(), atol=1e-5, rtol=0)
+    quarter = weighted_mean_loss(token_losses, labels, VOCAB, 0.25)
+    by_hand = (expected[text].sum() + 0.25 * expected[image].sum()) / (text.sum() + 0.25 * image.sum())
+    torch.testing.assert_close(quarter.double(), by_hand, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="image_token_weight"):
+        weighted_mean_loss(token_losses, labels, VOCAB, -1.0)
 
 
 def test_other_modality_logits_do_not_matter():

@@ -1,6 +1,7 @@
 """Tokenizer training end to end on a tiny model (one DeepSpeed process per run, as a subprocess):
 resume == continuous, stage 2 leaves the encoder bit-identical, auto balancing, export loading."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -34,14 +35,14 @@ def dataset(tmp_path_factory):
     return root
 
 
-def train(dataset, out_dir, *extra, config="configs/tokenizer/tiny_stage1.yaml"):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(out_dir.parent)}
+def train(dataset, out_dir, *extra, config="configs/tokenizer/tiny_stage1.yaml", extra_env=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(out_dir.parent), **(extra_env or {})}
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
     command = [sys.executable, "train/tokenizer.py", "--config", config, f"out_dir={out_dir}",
                f"data.data={dataset / 'data'}", f"data.text_tokenizer={dataset / 'text.model'}",
                "engine.micro_batch_size=8", "log_every=1", "eval_images=20", "optim.warmup_steps=1",
-               *TINY_MODEL, *extra]
+               "time_budget_s=0", *TINY_MODEL, *extra]  # fixed step counts unless a test budgets
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return result
@@ -64,6 +65,33 @@ def test_resume_continues_the_same_loss_sequence(dataset, tmp_path):
     assert steps == list(range(1, 7))  # the redone step 5 is logged once
     for step in range(1, 7):
         assert resumed[step] == continuous[step], f"step {step}: {resumed[step]} != {continuous[step]}"
+
+
+def test_time_budget_plans_the_steps_and_anneals_at_the_end(dataset, tmp_path):
+    out = tmp_path / "budget"
+    # every step sleeps 0.25 s (test hook): a 4 s budget fits about 15 of the cap's 500 steps
+    train(dataset, out, "steps=500", "time_budget_s=4", extra_env={"QLIP_FAULT_STEP_DELAY_S": "0.25"})
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 2 <= metrics["steps"] < 100 and metrics["steps_cap"] == 500
+    assert metrics["time_budget"]["planned"] == metrics["steps"]
+    records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == metrics["steps"] == records[-1]["planned_steps"]
+    # the cosine ends on the planned step (lr 1e-3 x min_lr_ratio 0.05), not on the cap's
+    assert records[-1]["lr"] == pytest.approx(5e-5)
+    assert json.loads((out / "export" / "config.json").read_text())["metadata"]["steps"] == metrics["steps"]
+
+
+def test_hard_negatives_train_through_the_engine(dataset, tmp_path):
+    out = tmp_path / "negatives"
+    train(dataset, out, "steps=3", "data.hard_negatives=2")
+    records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(math.isfinite(r["align"]) and 0 <= r["i2t_acc"] <= 1 for r in records)
+    # each image competes with its 2 negatives too: the first alignment loss is higher than with none
+    plain = tmp_path / "plain"
+    train(dataset, plain, "steps=1", "data.hard_negatives=0")
+    first_plain = json.loads((plain / "train_log.jsonl").read_text().splitlines()[0])
+    assert records[0]["align"] > first_plain["align"]
 
 
 def test_stage2_freezes_encoder_and_keeps_text_tower(dataset, tmp_path):

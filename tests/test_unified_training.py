@@ -19,7 +19,8 @@ pytestmark = pytest.mark.slow
 
 TINY = ["model.overrides={hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 2, "
         "num_key_value_heads: 2}", "engine.micro_batch_size=4", "log_every=1", "eval_per_task=4",
-        "vqa_questions=8", "optim.warmup_steps=1", "data.shuffle_buffer=16", "data.max_length=160"]
+        "vqa_questions=8", "optim.warmup_steps=1", "data.shuffle_buffer=16", "data.max_length=160",
+        "time_budget_s=0"]  # fixed step counts unless a test budgets
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +41,8 @@ def command(env, out_dir, *extra, procs=1, launcher="torchrun"):
             "--master_port", str(find_free_port()), "train/unified.py", *args]
 
 
-def train(env, out_dir, *extra, procs=1, expect_ok=True, launcher="torchrun"):
-    run_env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(Path(out_dir).parent)}
+def train(env, out_dir, *extra, procs=1, expect_ok=True, launcher="torchrun", extra_env=None):
+    run_env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(Path(out_dir).parent), **(extra_env or {})}
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         run_env.pop(var, None)
     run_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), run_env.get("PYTHONPATH")]))
@@ -72,6 +73,22 @@ def test_resume_continues_with_the_same_data_and_losses(env, tmp_path):
         assert resumed[step] == continuous[step], f"step {step}: {resumed[step]} != {continuous[step]}"
     metrics = json.loads((tmp_path / "interrupted" / "metrics.json").read_text())
     assert metrics["final_eval"] == json.loads((tmp_path / "continuous" / "metrics.json").read_text())["final_eval"]
+
+
+def test_time_budget_sets_the_run_length_and_the_schedule_ends_on_it(env, tmp_path):
+    out = tmp_path / "budget"
+    # every step sleeps 0.25 s (test hook), so a 4 s budget fits about 15 of the cap's 500 steps
+    train(env, out, "steps=500", "time_budget_s=4", extra_env={"QLIP_FAULT_STEP_DELAY_S": "0.25"})
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 2 <= metrics["steps"] == metrics["planned_steps"] < 100
+    assert metrics["steps_cap"] == 500 and metrics["time_budget"]["budget_s"] == 4
+    records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    trained = [r for r in records if "lr" in r]
+    assert trained[-1]["step"] == metrics["steps"] and trained[-1]["planned_steps"] == metrics["steps"]
+    # the cosine was retargeted: the last step ran at the floor (lr 4e-3 x min_lr_ratio 0.1), where a
+    # 500-step schedule would still be near its peak
+    assert trained[-1]["lr"] == pytest.approx(4e-4)
+    assert load_unified(out / "export").hash == metrics["export_hash"]
 
 
 @pytest.mark.parametrize("zero, launcher", [(2, "torchrun"), (3, "deepspeed")])

@@ -134,6 +134,17 @@ def positives_from_labels(labels: Sequence | torch.Tensor, device=None) -> torch
     return ids[:, None] == ids[None, :]
 
 
+def positives_between(row_labels: Sequence | torch.Tensor, column_labels: Sequence | torch.Tensor,
+                      device=None) -> torch.Tensor:
+    """(R_global, C_global) bool, ``[i, j] = row_label_i == column_label_j``, both gathered over
+    ranks (e.g. images against hard-negative captions). Collective like :func:`positives_from_labels`."""
+    rows, columns = label_ids(row_labels), label_ids(column_labels)
+    if device is not None:
+        rows, columns = rows.to(device), columns.to(device)
+    rows, columns = gather_rows(rows), gather_rows(columns)
+    return rows[:, None] == columns[None, :]
+
+
 def _soft_target_loss(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
     """Mean over rows of KL(uniform over the row's positives ‖ softmax(row)).
     KL = soft-target cross-entropy minus the target entropy (a constant): same gradient, but its
@@ -151,13 +162,18 @@ def _top1_is_positive(logits: torch.Tensor, positives: torch.Tensor) -> torch.Te
 
 def clip_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor,
               positives: torch.Tensor | None = None, *, max_logit_scale: float = 100.0,
-              rescale_local_grad: bool = False) -> ClipLossOutput:
+              rescale_local_grad: bool = False, negative_embeds: torch.Tensor | None = None,
+              negative_positives: torch.Tensor | None = None) -> ClipLossOutput:
     """Symmetric InfoNCE between (b, E) local image and text embeddings, over the global batch.
     ``logit_scale`` is the **log** scale (the raw parameter): logits = min(exp(logit_scale),
     max_logit_scale) * img @ txtᵀ. Embeddings are used as given (the towers L2-normalise).
     ``positives``: optional (B, B) bool over the global batch (see :func:`positives_from_labels`),
     True on the diagonal; each row / column target is uniform over its positives.
-    ``rescale_local_grad``: see :func:`gather_rows`."""
+    ``rescale_local_grad``: see :func:`gather_rows`.
+    ``negative_embeds``: optional (n, E) extra captions with no image of their own (hard
+    negatives), gathered like the rest and appended to every image's softmax (image -> text
+    only); ``negative_positives`` (B, N) bool over the gathered rows marks any that truly describe
+    an image (see :func:`positives_between`; None: none do)."""
     if image_embeds.ndim != 2 or image_embeds.shape != text_embeds.shape:
         raise ValueError(f"expected image and text embeddings of one (b, E) shape, got "
                          f"{tuple(image_embeds.shape)} and {tuple(text_embeds.shape)}")
@@ -173,9 +189,19 @@ def clip_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale
         raise ValueError(f"positives must be a ({n}, {n}) bool matrix over the global batch, True "
                          f"on the diagonal; got {positives.dtype} {tuple(positives.shape)}")
     positives = positives.to(logits.device)
-    loss = 0.5 * (_soft_target_loss(logits, positives) + _soft_target_loss(logits.T, positives.T))
+    image_to_text, image_positives = logits, positives
+    if negative_embeds is not None:
+        negatives = gather_rows(negative_embeds.float(), rescale_local_grad)
+        if negative_positives is None:
+            negative_positives = torch.zeros((n, negatives.shape[0]), dtype=torch.bool)
+        if negative_positives.shape != (n, negatives.shape[0]):
+            raise ValueError(f"negative_positives must be ({n}, {negatives.shape[0]}), got "
+                             f"{tuple(negative_positives.shape)}")
+        image_to_text = torch.cat([logits, scale * images @ negatives.T], dim=1)  # (B, B + N)
+        image_positives = torch.cat([positives, negative_positives.to(logits.device)], dim=1)
+    loss = 0.5 * (_soft_target_loss(image_to_text, image_positives) + _soft_target_loss(logits.T, positives.T))
     with torch.no_grad():
-        i2t = _top1_is_positive(logits, positives)
+        i2t = _top1_is_positive(image_to_text, image_positives)
         t2i = _top1_is_positive(logits.T, positives.T)
     return ClipLossOutput(loss, i2t, t2i)
 

@@ -39,6 +39,7 @@ from mmcore.text_tokenizer import TextTokenizer
 from tokenizer.export import load_tokenizer, save_tokenizer
 from tokenizer.qlip import QLIP, preset_config
 from train import ds_engine
+from train.budget import RunLength
 from train.distributed import (add_launcher_args, all_reduce_mean, barrier, init_distributed,
                                print_rank0, set_seed, shutdown_distributed)
 from train.faults import StepGuard, check_skip_fraction, merged_skip_summary, step_delay
@@ -81,15 +82,14 @@ def train_run(cfg: TokenizerTrainConfig, weights: LossWeights, steps: int, out_d
     set_seed(cfg.seed)  # identical initial weights on every rank
     model, stage1 = build_stage_model(cfg, text_tokenizer)
     optim = dataclasses.replace(cfg.optim, total_steps=max(steps, cfg.optim.warmup_steps))
-    stop = cfg.stop_at if export and cfg.stop_at else steps
     runner = StageRunner(cfg, model, weights, optim, lr_prefixes(cfg.lr_mult))
     checkpoints = out_dir / "checkpoints"
     out_dir.mkdir(parents=True, exist_ok=True)
-    step, positions = 0, None
+    step, positions, budget_state = 0, None, None
     tag = ds_engine.resume_checkpoint_tag(checkpoints) if cfg.resume else None  # newest complete one
     if tag is not None:
         state = runner.load(checkpoints, tag)  # restores this rank's RNG too
-        step, positions = state["step"], state["positions"]
+        step, positions, budget_state = state["step"], state["positions"], state.get("time_budget")
         print_rank0(f"[{desc}] resumed from {checkpoints / tag} at step {step}")
     else:
         set_seed(cfg.seed, rank=rank)
@@ -105,19 +105,26 @@ def train_run(cfg: TokenizerTrainConfig, weights: LossWeights, steps: int, out_d
     if rank == 0:
         truncate_log(log_path, step)
     history: list[dict] = []
-    bar = tqdm(total=steps, initial=step, desc=desc, disable=rank != 0, unit="step", dynamic_ncols=True)
+    # the main run may be budgeted in seconds (train/budget.py); the pilots always run pilot_steps
+    length = RunLength(steps, cfg.time_budget_s if export else 0.0, runner.engine.lr_scheduler,
+                       min_steps=cfg.optim.warmup_steps + 1, state=budget_state, start_step=step)
+    bar = tqdm(total=length.total, initial=step, desc=desc, disable=rank != 0, unit="step", dynamic_ncols=True)
+    length.on_change(lambda total: (setattr(bar, "total", total), bar.refresh()))
     start_time, position = time.perf_counter(), positions[rank] if positions else 0
-    while step < stop:
+    length.start_clock()
+    while step < (min(cfg.stop_at, length.total) if export and cfg.stop_at else length.total):
         micro = [next(batches) for _ in range(cfg.engine.grad_accum_steps)]
         position = micro[-1].end_position
         terms = runner.step(micro, step, guard)  # a non-finite step is skipped on every rank
         step += 1
         bar.update(1)
         check_skip_fraction(skip_log, cfg.max_skip_fraction, what=f"{desc}: {cfg.data.data}")  # collective
-        if step % cfg.log_every == 0 or step == steps or runner.last_skip:
+        if step % cfg.log_every == 0 or step == length.total or runner.last_skip:
             record = {"step": step, **{k: all_reduce_mean(v) for k, v in sorted(terms.items())},
                       "lr": ds_engine.current_lr(runner.engine),
                       "elapsed_s": round(time.perf_counter() - start_time, 2)}
+            if length.budget is not None:
+                record["planned_steps"] = length.update(step)  # collective
             if runner.last_skip:
                 record.update(skipped=runner.last_skip, skipped_keys=guard.last_event["keys"])
             else:
@@ -127,20 +134,20 @@ def train_run(cfg: TokenizerTrainConfig, weights: LossWeights, steps: int, out_d
                                 psnr=f"{record.get('psnr_db', 0):.1f}")
                 with open(log_path, "a", encoding="utf-8") as handle:
                     handle.write(json.dumps(record) + "\n")
-        if cfg.save_every and step % cfg.save_every == 0 and step < steps:
-            runner.save(checkpoints, step, gather_positions(position), cfg.keep_last)
+        if cfg.save_every and step % cfg.save_every == 0 and step < length.total:
+            runner.save(checkpoints, step, gather_positions(position), cfg.keep_last, length.state())
         step_delay()  # TEST HOOK: QLIP_FAULT_STEP_DELAY_S
     bar.close()
-    runner.save(checkpoints, step, gather_positions(position), cfg.keep_last)
+    runner.save(checkpoints, step, gather_positions(position), cfg.keep_last, length.state())
     skipped, samples_read = merged_skip_summary(skip_log)  # collective: all ranks' counts
     summary = {"steps": step, "history": history, "skipped": skipped, "samples_read": samples_read,
-               "nonfinite": guard.summary()}
-    if step < steps:
+               "nonfinite": guard.summary(), "time_budget": length.state()}
+    if step < length.total:
         print_rank0(f"[{desc}] stopped at step {step} (stop_at); rerun the same command to resume")
         return summary
     state_dict = ds_engine.full_state_dict(runner.engine)  # collective
     if export and rank == 0:
-        summary["export"] = str(export_model(cfg, model, stage1, state_dict, out_dir, weights))
+        summary["export"] = str(export_model(cfg, model, stage1, state_dict, out_dir, weights, step))
     del runner
     return summary
 
@@ -172,9 +179,9 @@ def gather_positions(position: int) -> list[int]:
 
 
 def export_model(cfg: TokenizerTrainConfig, model: QLIP, stage1: QLIP | None, state_dict: dict,
-                 out_dir: Path, weights: LossWeights) -> Path:
+                 out_dir: Path, weights: LossWeights, steps: int) -> Path:
     """Write ``out_dir/export``; stage 2 re-attaches the (unchanged) stage-1 text tower."""
-    metadata = {"stage": cfg.stage, "steps": cfg.steps, "preset": cfg.preset,
+    metadata = {"stage": cfg.stage, "steps": steps, "preset": cfg.preset,
                 "loss_weights": config_to_dict(weights)}
     text_path = Path(cfg.init_from) / "text_tokenizer.model" if cfg.stage == 2 else Path(cfg.data.text_tokenizer)
     if stage1 is not None and stage1.text is not None:
@@ -237,7 +244,8 @@ def run(cfg: TokenizerTrainConfig) -> int:
         metrics = evaluate_tokenizer(loaded.model, loaded.text_tokenizer, cfg.data.data, cfg.data.val_split,
                                      max_images=cfg.eval_images)
         result = {"metrics": metrics, "tokenizer_hash": loaded.hash, "loss_weights": config_to_dict(weights),
-                  "steps": summary["steps"], "skipped_samples": summary["skipped"],
+                  "steps": summary["steps"], "steps_cap": cfg.steps, "time_budget": summary["time_budget"],
+                  "skipped_samples": summary["skipped"],
                   "samples_read": summary["samples_read"], "nonfinite_steps": summary["nonfinite"],
                   "final_train": summary["history"][-1] if summary["history"] else {}}
         atomic_write_json(out_dir / "metrics.json", result)

@@ -53,7 +53,10 @@ class TokenizerTrainConfig:
     lr_mult: dict[str, float] = dataclasses.field(default_factory=dict)  # part name -> multiplier
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)
-    steps: int = 1000
+    steps: int = 1000  # with time_budget_s: the most steps the plan may reach
+    # > 0: train for about this many seconds of training-loop wall time (not the balancing pilots);
+    # the step count is planned from the measured step time and the LR schedule ends on it
+    time_budget_s: float = 0.0
     log_every: int = 10
     save_every: int = 0  # 0: checkpoint only at the end
     eval_images: int = 1000
@@ -77,6 +80,8 @@ class TokenizerTrainConfig:
             raise ConfigError(f"lr_mult has unknown parts {unknown}; parts: {', '.join(PARTS)}")
         if self.steps < 1 or self.log_every < 1:
             raise ConfigError("steps and log_every must be >= 1")
+        if self.time_budget_s < 0:
+            raise ConfigError(f"time_budget_s must be >= 0, got {self.time_budget_s}")
         if not 0 <= self.stop_at <= self.steps:
             raise ConfigError(f"stop_at must be in [0, steps={self.steps}], got {self.stop_at}")
         validate_fault_config(self.max_skip_fraction, self.max_nonfinite_steps, self.keep_last)

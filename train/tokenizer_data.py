@@ -12,14 +12,18 @@ from __future__ import annotations
 import dataclasses
 import random
 from itertools import islice
+from pathlib import Path
 from typing import Iterator, NamedTuple
 
 import torch
 
 from mmcore.config import ConfigError
 from mmcore.text_tokenizer import TextTokenizer
+from unified_mm.data.hard_negatives import hard_negative
 from unified_mm.data.pixels import image_to_pixels
+from unified_mm.data.shapesworld import ShapesWorldConfig
 from unified_mm.data.shards import Sample, ShardDataset, SkipLog, resolve_shards
+from unified_mm.tokenizer_eval import data_config
 
 
 @dataclasses.dataclass
@@ -31,8 +35,14 @@ class TokenizerDataConfig:
     shuffle_buffer: int = 2000
     # probability of using captions[i] (ShapesWorld: short, long with size+position, sentence)
     caption_weights: list[float] = dataclasses.field(default_factory=lambda: [0.5, 0.5, 0.0])
+    # extra captions per image, each the image's own caption kind with one object's colour or shape
+    # changed, scored as negatives for that batch's images (unified_mm/data/hard_negatives.py;
+    # needs ShapesWorld metadata; 0 = QLIP's plain in-batch negatives)
+    hard_negatives: int = 0
 
     def validate(self) -> None:
+        if self.hard_negatives < 0:
+            raise ConfigError(f"data.hard_negatives must be >= 0, got {self.hard_negatives}")
         if not self.caption_weights or min(self.caption_weights) < 0 or sum(self.caption_weights) <= 0:
             raise ConfigError(f"data.caption_weights must be non-negative with a positive sum, "
                               f"got {self.caption_weights}")
@@ -45,6 +55,9 @@ class ImageTextBatch(NamedTuple):
     labels: list[str]  # positive label per sample (equal labels = mutual positives)
     keys: list[str]
     end_position: int  # samples of this rank's stream consumed once this batch is done (resume point)
+    negative_ids: torch.Tensor | None = None  # (N, T) int64 hard-negative captions, right-padded
+    negative_mask: torch.Tensor | None = None  # (N, T) int64
+    negative_labels: list[str] | None = None  # what each negative asserts (a positive where true)
 
 
 def caption_label(meta: dict, index: int, caption: str) -> str:
@@ -94,16 +107,46 @@ def pick_caption(meta: dict, weights: list[float], rng: random.Random) -> tuple[
     return index, captions[index]
 
 
-def collate(samples: list[tuple[Sample, list[int], str]], pad_id: int, end_position: int) -> ImageTextBatch:
-    length = max(len(ids) for _, ids, _ in samples)
-    text_ids = torch.full((len(samples), length), pad_id, dtype=torch.int64)
-    mask = torch.zeros((len(samples), length), dtype=torch.int64)
-    for row, (_, ids, _) in enumerate(samples):
-        text_ids[row, : len(ids)] = torch.tensor(ids)
+def pad_rows(rows: list[list[int]], pad_id: int, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded (N, T) ids and (N, T) mask (T = the longest row unless given)."""
+    length = length or max(len(ids) for ids in rows)
+    text_ids = torch.full((len(rows), length), pad_id, dtype=torch.int64)
+    mask = torch.zeros((len(rows), length), dtype=torch.int64)
+    for row, ids in enumerate(rows):
+        text_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.int64)
         mask[row, : len(ids)] = 1
+    return text_ids, mask
+
+
+def collate(samples: list[tuple[Sample, list[int], str]], pad_id: int, end_position: int,
+            negatives: list[tuple[list[int], str]] | None = None) -> ImageTextBatch:
+    """One batch; ``negatives`` (ids, label) become extra caption rows padded to the captions'
+    length (an empty list gives (0, T) tensors: every rank must join the loss's collectives)."""
+    length = max(len(ids) for ids in [*(ids for _, ids, _ in samples), *(ids for ids, _ in negatives or [])])
+    text_ids, mask = pad_rows([ids for _, ids, _ in samples], pad_id, length)
     pixels = torch.stack([image_to_pixels(sample.image) for sample, _, _ in samples])
-    return ImageTextBatch(pixels, text_ids, mask, [label for _, _, label in samples],
-                          [sample.key for sample, _, _ in samples], end_position)
+    batch = ImageTextBatch(pixels, text_ids, mask, [label for _, _, label in samples],
+                           [sample.key for sample, _, _ in samples], end_position)
+    if negatives is not None:
+        negative_ids, negative_mask = pad_rows([ids for ids, _ in negatives], pad_id, length)
+        batch = batch._replace(negative_ids=negative_ids, negative_mask=negative_mask,
+                               negative_labels=[label for _, label in negatives])
+    return batch
+
+
+def with_negatives(batch: ImageTextBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B + N, T) caption ids and mask: the batch's captions, then its hard negatives (if any),
+    so one text-tower forward embeds both."""
+    if batch.negative_ids is None:
+        return batch.text_ids, batch.attention_mask
+    return (torch.cat([batch.text_ids, batch.negative_ids]), torch.cat([batch.attention_mask, batch.negative_mask]))
+
+
+def swap_choices(data: str) -> dict[str, list[str]]:
+    """The colour and shape names a hard negative may swap in: the dataset's own (its saved
+    ShapesWorld config.yaml), else ShapesWorld's defaults."""
+    world = data_config(data) if Path(str(data)).is_dir() else ShapesWorldConfig()
+    return {"colour": list(world.colours), "shape": list(world.shapes)}
 
 
 def image_text_batches(cfg: TokenizerDataConfig, text_tokenizer: TextTokenizer | None, batch_size: int,
@@ -118,7 +161,9 @@ def image_text_batches(cfg: TokenizerDataConfig, text_tokenizer: TextTokenizer |
     dataset = ShardDataset(resolve_shards(cfg.data, cfg.split), shuffle_buffer=cfg.shuffle_buffer,
                            seed=seed, repeat=True, image_size=image_size, skip_log=skip_log)
     pad_id = text_tokenizer.pad_id if text_tokenizer is not None else 0
-    buffer = []
+    use_negatives = text_tokenizer is not None and cfg.hard_negatives > 0
+    choices = swap_choices(cfg.data) if use_negatives else {}
+    buffer, negatives = [], []
     samples = iter(dataset)
     for sample in islice(samples, start):  # resuming: the replayed samples count their skips again
         if text_tokenizer is not None and not has_caption(sample.meta):
@@ -134,7 +179,13 @@ def image_text_batches(cfg: TokenizerDataConfig, text_tokenizer: TextTokenizer |
             index, caption = picked
             ids = text_tokenizer.encode_pooled(caption, context_length)
             label = caption_label(sample.meta, index, caption)
+            if use_negatives:
+                for _ in range(cfg.hard_negatives):
+                    negative = hard_negative(sample.meta, index, rng, choices)
+                    if negative is not None:
+                        negatives.append((text_tokenizer.encode_pooled(negative.caption, context_length),
+                                          caption_label({"objects": negative.objects}, index, negative.caption)))
         buffer.append((sample, ids, label))
         if len(buffer) == batch_size:
-            yield collate(buffer, pad_id, position + 1)
-            buffer = []
+            yield collate(buffer, pad_id, position + 1, negatives if use_negatives else None)
+            buffer, negatives = [], []

@@ -12,13 +12,14 @@ from typing import Sequence
 
 import torch
 
-from tokenizer.losses import clip_loss, mse_loss, positives_from_labels, psnr
+from tokenizer.losses import clip_loss, mse_loss, positives_between, positives_from_labels, psnr
 from tokenizer.qlip import QLIP, QLIPOutput
 from train.tokenizer_config import LossWeights
 
 
 def stage1_loss_terms(model: QLIP, out: QLIPOutput, pixels: torch.Tensor, labels: Sequence,
-                      weights: LossWeights) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                      weights: LossWeights, negative_labels: Sequence | None = None,
+                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(total loss, named terms) for one batch: ``recon·MSE + quantizer·BSQ`` plus ``align·CLIP``
     when the forward had text (``out.text_embeds`` is not None).
 
@@ -27,7 +28,10 @@ def stage1_loss_terms(model: QLIP, out: QLIPOutput, pixels: torch.Tensor, labels
     duplicate captions are not negatives). The CLIP loss runs over the global batch when a process
     group exists (a collective then). Terms: recon, quantizer, psnr_db, code_entropy_bits,
     codebook_entropy, per_sample_entropy and, with text, align, i2t_acc, t2i_acc; the caller adds
-    ``total``.
+    ``total``. ``negative_labels`` (hard negatives, :mod:`unified_mm.data.hard_negatives`): the
+    forward's text rows beyond the batch's images are captions without an image, scored as extra
+    negatives for every image (positives where their label matches); every rank must pass them or
+    none, since they are gathered.
     """
     recon = mse_loss(out.reconstruction, pixels)
     total = weights.recon * recon + weights.quantizer * out.bsq.loss
@@ -36,8 +40,18 @@ def stage1_loss_terms(model: QLIP, out: QLIPOutput, pixels: torch.Tensor, labels
              "codebook_entropy": out.bsq.codebook_entropy, "per_sample_entropy": out.bsq.per_sample_entropy}
     if out.text_embeds is not None:
         positives = positives_from_labels(labels, device=pixels.device)
-        clip = clip_loss(out.image_embeds, out.text_embeds, model.logit_scale, positives,
-                         max_logit_scale=model.config.max_logit_scale, rescale_local_grad=True)
+        batch = pixels.shape[0]
+        text_embeds, negative_embeds = out.text_embeds[:batch], out.text_embeds[batch:]  # (B, E), (N, E)
+        negative_positives = None
+        if negative_labels is not None:
+            negative_positives = positives_between(labels, negative_labels, device=pixels.device)
+        elif negative_embeds.shape[0]:
+            raise ValueError(f"{negative_embeds.shape[0]} text rows beyond the batch's {batch} images "
+                             f"but no negative_labels")
+        clip = clip_loss(out.image_embeds, text_embeds, model.logit_scale, positives,
+                         max_logit_scale=model.config.max_logit_scale, rescale_local_grad=True,
+                         negative_embeds=negative_embeds if negative_labels is not None else None,
+                         negative_positives=negative_positives)
         total = total + weights.align * clip.loss
         terms.update(align=clip.loss, i2t_acc=clip.image_to_text_acc, t2i_acc=clip.text_to_image_acc)
     return total, terms

@@ -27,7 +27,7 @@ from train import ds_engine
 from train.distributed import get_rank
 from train.faults import StepGuard
 from train.tokenizer_config import LossWeights  # also re-exported from here (it used to live here)
-from train.tokenizer_data import ImageTextBatch
+from train.tokenizer_data import ImageTextBatch, with_negatives
 from train.tokenizer_loss import stage1_loss_terms
 
 DISC_FILE = "discriminator.pt"
@@ -62,11 +62,12 @@ class StageRunner:
         pixels = batch.pixels.to(self.engine.device)
         text_ids = mask = None
         if self.use_text:
-            text_ids = batch.text_ids.to(pixels.device)
-            mask = batch.attention_mask.to(pixels.device)
+            text_ids, mask = with_negatives(batch)
+            text_ids, mask = text_ids.to(pixels.device), mask.to(pixels.device)
         out = self.engine(pixels, text_ids, mask)
         # recon·MSE + quantizer·BSQ (+ align·CLIP with text): the stage-1 loss, shared with the bench
-        total, terms = stage1_loss_terms(self.model, out, pixels, batch.labels, self.weights)
+        total, terms = stage1_loss_terms(self.model, out, pixels, batch.labels, self.weights,
+                                         batch.negative_labels if self.use_text else None)
         if self.perceptual is not None:
             perceptual = self.perceptual(out.reconstruction, pixels)
             total = total + self.cfg.perceptual.weight * perceptual
@@ -125,8 +126,9 @@ class StageRunner:
         return {key: value / used for key, value in sums.items()} if used else {}
 
     # -- checkpoints ----------------------------------------------------------------------------
-    def save(self, checkpoint_dir: Path, step: int, positions: list[int], keep_last: int = 0) -> None:
-        state = {"positions": positions, "weights": dataclasses.asdict(self.weights)}
+    def save(self, checkpoint_dir: Path, step: int, positions: list[int], keep_last: int = 0,
+             time_budget: dict | None = None) -> None:
+        state = {"positions": positions, "weights": dataclasses.asdict(self.weights), "time_budget": time_budget}
 
         def write_disc(directory: Path) -> None:  # inside the checkpoint before it is committed
             if self.disc is not None and get_rank() == 0:  # replicated: one copy is enough

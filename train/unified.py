@@ -39,6 +39,7 @@ from tokenizer.export import tokenizer_hash
 from train import ds_engine
 from train.distributed import (add_launcher_args, barrier, init_distributed,
                                print_rank0, set_seed, shutdown_distributed)
+from train.budget import RunLength
 from train.faults import (StepGuard, check_skip_fraction, merged_skip_summary, step_delay,
                           validate_fault_config)
 from train.tokenizer import gather_positions
@@ -46,7 +47,7 @@ from train.unified_log import RunLogger
 from unified_mm.data.mixture import MixedTaskStream, MixtureConfig, SourceConfig, eval_sequences
 from unified_mm.data.shards import SkipLog
 from unified_mm.export import load_unified, save_unified
-from unified_mm.loss import modality_token_losses, per_task_losses
+from unified_mm.loss import modality_token_losses, per_task_losses, weighted_mean_loss
 from unified_mm.model import UnifiedModelConfig, build_model, count_parameters
 from unified_mm.quick_eval import greedy_vqa_accuracy, heldout_losses
 from unified_mm.sequence import TASKS, SequenceBuilder, SequenceStats
@@ -71,7 +72,13 @@ class UnifiedTrainConfig:
     mixture: MixtureConfig = dataclasses.field(default_factory=MixtureConfig)
     optim: ds_engine.OptimConfig = dataclasses.field(default_factory=ds_engine.OptimConfig)
     engine: ds_engine.EngineConfig = dataclasses.field(default_factory=ds_engine.EngineConfig)
-    steps: int = 1000
+    steps: int = 1000  # with time_budget_s: the most steps the plan may reach
+    # > 0: train for about this many seconds of training-loop wall time; the step count is planned
+    # from the measured step time and the LR and mixture schedules end on it (train/budget.py)
+    time_budget_s: float = 0.0
+    # loss weight of image-id targets against 1 for text targets (unified_mm.loss.weighted_mean_loss);
+    # 1 = plain token mean. Logged per-task losses are unweighted means either way.
+    image_token_weight: float = 1.0
     stop_at: int = 0  # stop (with a checkpoint) before ``steps``; rerun the command to resume
     log_every: int = 10
     eval_every: int = 0  # held-out loss every N steps (0: only at the start and the end)
@@ -88,8 +95,10 @@ class UnifiedTrainConfig:
     def validate(self) -> None:
         if self.steps < 1 or self.log_every < 1:
             raise ConfigError("steps and log_every must be >= 1")
-        if self.stop_at < 0 or self.save_every < 0 or self.eval_every < 0:
-            raise ConfigError("stop_at, save_every and eval_every must be >= 0")
+        if self.stop_at < 0 or self.save_every < 0 or self.eval_every < 0 or self.time_budget_s < 0:
+            raise ConfigError("stop_at, save_every, eval_every and time_budget_s must be >= 0")
+        if self.image_token_weight < 0:
+            raise ConfigError(f"image_token_weight must be >= 0, got {self.image_token_weight}")
         if self.data.max_length < 8:
             raise ConfigError(f"data.max_length={self.data.max_length} is too small")
         validate_fault_config(self.max_skip_fraction, self.max_nonfinite_steps, self.keep_last)
@@ -148,7 +157,7 @@ class Setup:
 # ---------------------------------------------------------------------------------------------
 
 def train_step(engine, micro_batches, vocab: Vocab, guard: StepGuard | None = None,
-               keys: list | None = None, step: int = 0) -> dict:
+               keys: list | None = None, step: int = 0, image_token_weight: float = 1.0) -> dict:
     """One optimizer step; returns this rank's loss sums/counts per task and token count.
 
     With ``guard``, a non-finite loss on any rank skips step ``step`` (1-based) on every rank
@@ -164,7 +173,7 @@ def train_step(engine, micro_batches, vocab: Vocab, guard: StepGuard | None = No
         logits = engine(input_ids=batch.ids.to(engine.device),
                         attention_mask=batch.attention_mask.to(engine.device)).logits
         token_losses = modality_token_losses(logits, batch.labels.to(engine.device), vocab)
-        loss = token_losses.losses.sum() / token_losses.mask.sum().clamp(min=1)
+        loss = weighted_mean_loss(token_losses, batch.labels, vocab, image_token_weight)
         if guard is None:
             engine.backward(loss)
             engine.step()
@@ -199,10 +208,11 @@ def run_eval(engine, setup: Setup, heldout: dict) -> dict:
 
 
 def save(engine, checkpoints: Path, step: int, stream: MixedTaskStream, stats: SequenceStats,
-         keep_last: int = 0) -> None:
+         keep_last: int = 0, length: RunLength | None = None) -> None:
     states = gather_positions(stream.state())
-    ds_engine.save_checkpoint(engine, checkpoints, step, {"data": states, "sequence_stats": stats.summary()},
-                              keep_last=keep_last)
+    budget = length.state() if length is not None else None
+    ds_engine.save_checkpoint(engine, checkpoints, step, {"data": states, "sequence_stats": stats.summary(),
+                                                          "time_budget": budget}, keep_last=keep_last)
 
 
 class KeyedStream(MixedTaskStream):
@@ -229,6 +239,17 @@ class KeyedStream(MixedTaskStream):
 # The run
 # ---------------------------------------------------------------------------------------------
 
+def stop_step(stop_at: int, total: int) -> int:
+    return min(stop_at, total) if stop_at else total
+
+
+def set_total(total: int, stream: MixedTaskStream, bar: tqdm) -> None:
+    """A (re)planned run length reaches the mixture schedule and the progress bar."""
+    stream.total_steps = total
+    bar.total = total
+    bar.refresh()
+
+
 def train(cfg: UnifiedTrainConfig, setup: Setup, rank: int) -> dict:
     out_dir = Path(cfg.out_dir)
     set_seed(cfg.seed)  # identical initial weights on every rank
@@ -243,11 +264,11 @@ def train(cfg: UnifiedTrainConfig, setup: Setup, rank: int) -> dict:
     if rank == 0:
         ds_engine.save_ds_config(ds_config, out_dir / "ds_config.json")
     checkpoints = out_dir / "checkpoints"
-    step, data_state = 0, None
+    step, data_state, budget_state = 0, None, None
     tag = ds_engine.resume_checkpoint_tag(checkpoints) if cfg.resume else None  # newest complete one
     if tag is not None:
         state = ds_engine.load_checkpoint(engine, checkpoints, tag)
-        step, data_state = state["step"], state["data"][rank]
+        step, data_state, budget_state = state["step"], state["data"][rank], state.get("time_budget")
         print_rank0(f"resumed from {checkpoints / tag} at step {step}")
     else:
         set_seed(cfg.seed, rank=rank)
@@ -263,15 +284,19 @@ def train(cfg: UnifiedTrainConfig, setup: Setup, rank: int) -> dict:
     if step == 0:
         first_eval = run_eval(engine, setup, heldout)
         logger.log(0, first_eval)
-    stop = min(cfg.stop_at, cfg.steps) if cfg.stop_at else cfg.steps
-    bar = tqdm(total=cfg.steps, initial=step, desc="unified", unit="step", disable=rank != 0, dynamic_ncols=True)
+    length = RunLength(cfg.steps, cfg.time_budget_s, engine.lr_scheduler, min_steps=cfg.optim.warmup_steps + 1,
+                       state=budget_state, start_step=step)
+    bar = tqdm(total=length.total, initial=step, desc="unified", unit="step", disable=rank != 0, dynamic_ncols=True)
+    length.on_change(lambda total: set_total(total, stream, bar))
     window, window_steps, window_start = None, 0, time.perf_counter()
+    length.start_clock()
     pad_id = setup.text_tokenizer.pad_id
-    while step < stop:
+    while step < stop_step(cfg.stop_at, length.total):
         micro = [stream.next_keyed_batch(cfg.engine.micro_batch_size, step, pad_id)
                  for _ in range(cfg.engine.grad_accum_steps)]
         terms = train_step(engine, [batch for batch, _ in micro], setup.vocab, guard=guard,
-                           keys=[keys for _, keys in micro], step=step + 1)
+                           keys=[keys for _, keys in micro], step=step + 1,
+                           image_token_weight=cfg.image_token_weight)
         skipped = terms.pop("skipped")
         window = terms if window is None else {k: window[k] + terms[k] for k in terms}
         window_steps += 1
@@ -280,26 +305,29 @@ def train(cfg: UnifiedTrainConfig, setup: Setup, rank: int) -> dict:
         check_skip_fraction(skip_log, cfg.max_skip_fraction, what="unified training data")  # collective
         if skipped:
             logger.log(step, {"skipped": skipped, "skipped_keys": guard.last_event["keys"]})
-        if step % cfg.log_every == 0 or step == stop:
+        if step % cfg.log_every == 0 or step == stop_step(cfg.stop_at, length.total):
             record = reduce_terms(window)  # collective: every rank; means over the window's steps
             seconds = time.perf_counter() - window_start
             record.update(lr=ds_engine.current_lr(engine), tokens_per_s=record.pop("tokens") / seconds,
                           step_s=seconds / window_steps)
+            if length.budget is not None:
+                record["planned_steps"] = length.update(step)  # collective
             logger.log(step, record)
             bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
             window, window_steps, window_start = None, 0, time.perf_counter()
-        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < length.total:
             logger.log(step, run_eval(engine, setup, heldout))
-        if cfg.save_every and step % cfg.save_every == 0 and step < stop:
-            save(engine, checkpoints, step, stream, setup.stats, cfg.keep_last)
+        if cfg.save_every and step % cfg.save_every == 0 and step < stop_step(cfg.stop_at, length.total):
+            save(engine, checkpoints, step, stream, setup.stats, cfg.keep_last, length)
         step_delay()  # TEST HOOK: QLIP_FAULT_STEP_DELAY_S
     bar.close()
-    save(engine, checkpoints, step, stream, setup.stats, cfg.keep_last)
+    save(engine, checkpoints, step, stream, setup.stats, cfg.keep_last, length)
     skipped_samples, samples_read = merged_skip_summary(skip_log)  # collective: all ranks' counts
     summary = {"steps": step, "skipped_samples": skipped_samples, "samples_read": samples_read,
                "nonfinite_steps": guard.summary(), "sequence_stats": setup.stats.summary(),
-               "passed_over": stream.passed_over, "parameters": params}
-    if step < cfg.steps:
+               "passed_over": stream.passed_over, "parameters": params, "planned_steps": length.total,
+               "steps_cap": cfg.steps, "time_budget": length.state()}
+    if step < length.total:
         print_rank0(f"stopped at step {step} (stop_at); rerun the same command to resume")
         logger.close()
         return summary
@@ -339,6 +367,10 @@ def print_summary(metrics: dict) -> None:
         vqa = metrics["vqa_greedy"]
         by_type = ", ".join(f"{k} {v:.1%}" for k, v in vqa["by_type"].items())
         print_rank0(f"  greedy VQA on val: {vqa['accuracy']:.1%} of {vqa['questions']} ({by_type})")
+    if metrics.get("time_budget"):
+        budget = metrics["time_budget"]
+        print_rank0(f"  time budget {budget['budget_s']:.0f} s: {metrics['steps']} steps planned and run "
+                    f"in {budget['spent_s']:.0f} s (cap {metrics.get('steps_cap', '?')})")
     if metrics.get("skipped_samples"):
         print_rank0(f"  skipped samples: {metrics['skipped_samples']} of {metrics.get('samples_read')} read")
     if (metrics.get("nonfinite_steps") or {}).get("skipped_steps"):
