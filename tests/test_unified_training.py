@@ -91,6 +91,26 @@ def test_time_budget_sets_the_run_length_and_the_schedule_ends_on_it(env, tmp_pa
     assert load_unified(out / "export").hash == metrics["export_hash"]
 
 
+def test_budgeted_run_resumes_with_its_plan_and_spent_seconds(env, tmp_path):
+    out, delay = tmp_path / "budget_resume", {"QLIP_FAULT_STEP_DELAY_S": "0.25"}
+    train(env, out, "steps=500", "time_budget_s=4", "stop_at=8", extra_env=delay)
+    assert not (out / "export").exists()  # stopped on purpose at step 8, with a checkpoint
+    records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    first_plan = [r["planned_steps"] for r in records if "planned_steps" in r][-1]
+    assert 8 < first_plan < 500  # planned before the stop
+    train(env, out, "steps=500", "time_budget_s=4", extra_env=delay)
+    metrics = json.loads((out / "metrics.json").read_text())
+    budget = metrics["time_budget"]
+    # the seconds before the stop count: the resumed run plans the budget's remainder, so the run
+    # ends near its first plan, not ~8 steps (the first part) beyond it
+    assert budget["spent_s"] >= 8 * 0.25 and budget["frozen"]
+    assert metrics["steps"] == budget["planned"] < first_plan + 5
+    trained = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    trained = [r for r in trained if "lr" in r]
+    assert [r["step"] for r in trained] == list(range(1, metrics["steps"] + 1))
+    assert trained[-1]["lr"] == pytest.approx(4e-4)  # annealed on the planned step
+
+
 @pytest.mark.parametrize("zero, launcher", [(2, "torchrun"), (3, "deepspeed")])
 def test_two_process_zero_run_trains_and_exports(env, tmp_path, zero, launcher):
     out = tmp_path / f"zero{zero}"
