@@ -125,24 +125,26 @@ def label_ids(labels: Sequence | torch.Tensor) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.int64)
 
 
-def positives_from_labels(labels: Sequence | torch.Tensor, device=None) -> torch.Tensor:
-    """(B_global, B_global) bool, ``[i, j] = label_i == label_j`` over the gathered global batch.
-    A collective when torch.distributed is initialised: call it on every rank, in the same rank
-    order as :func:`clip_loss`. With NCCL pass ``device`` = the embeddings' CUDA device."""
+def gathered_label_ids(labels: Sequence | torch.Tensor, device=None) -> torch.Tensor:
+    """(N_global,) int64 :func:`label_ids` of every rank's labels, in rank order. A collective
+    when torch.distributed is initialised: call it on every rank, in the same order as
+    :func:`clip_loss`. With NCCL pass ``device`` = the embeddings' CUDA device."""
     ids = label_ids(labels)
-    ids = gather_rows(ids if device is None else ids.to(device))
+    return gather_rows(ids if device is None else ids.to(device))
+
+
+def positives_from_labels(labels: Sequence | torch.Tensor, device=None) -> torch.Tensor:
+    """(B_global, B_global) bool, ``[i, j] = label_i == label_j`` over the gathered global batch
+    (collective: see :func:`gathered_label_ids`)."""
+    ids = gathered_label_ids(labels, device)
     return ids[:, None] == ids[None, :]
 
 
 def positives_between(row_labels: Sequence | torch.Tensor, column_labels: Sequence | torch.Tensor,
                       device=None) -> torch.Tensor:
     """(R_global, C_global) bool, ``[i, j] = row_label_i == column_label_j``, both gathered over
-    ranks (e.g. images against hard-negative captions). Collective like :func:`positives_from_labels`."""
-    rows, columns = label_ids(row_labels), label_ids(column_labels)
-    if device is not None:
-        rows, columns = rows.to(device), columns.to(device)
-    rows, columns = gather_rows(rows), gather_rows(columns)
-    return rows[:, None] == columns[None, :]
+    ranks (e.g. images against hard-negative captions; collective)."""
+    return gathered_label_ids(row_labels, device)[:, None] == gathered_label_ids(column_labels, device)[None, :]
 
 
 def _soft_target_loss(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:

@@ -135,6 +135,17 @@ class RunLength:
         self.listeners.append(listener)
         listener(self.total)
 
+    def track(self, bar) -> None:
+        """Keep a tqdm progress bar's total on the plan."""
+        def retarget(total: int) -> None:
+            bar.total = total
+            bar.refresh()
+        self.on_change(retarget)
+
+    def end(self, stop_at: int = 0) -> int:
+        """The step this process stops at: the plan, or ``stop_at`` (> 0) when that comes first."""
+        return min(stop_at, self.total) if stop_at else self.total
+
     def start_clock(self) -> None:
         """The training loop starts now (setup and the first evaluation are not counted)."""
         self._loop_start = time.perf_counter()

@@ -109,10 +109,10 @@ def train_run(cfg: TokenizerTrainConfig, weights: LossWeights, steps: int, out_d
     length = RunLength(steps, cfg.time_budget_s if export else 0.0, runner.engine.lr_scheduler,
                        min_steps=cfg.optim.warmup_steps + 1, state=budget_state, start_step=step)
     bar = tqdm(total=length.total, initial=step, desc=desc, disable=rank != 0, unit="step", dynamic_ncols=True)
-    length.on_change(lambda total: (setattr(bar, "total", total), bar.refresh()))
+    length.track(bar)
     start_time, position = time.perf_counter(), positions[rank] if positions else 0
     length.start_clock()
-    while step < (min(cfg.stop_at, length.total) if export and cfg.stop_at else length.total):
+    while step < length.end(cfg.stop_at if export else 0):
         micro = [next(batches) for _ in range(cfg.engine.grad_accum_steps)]
         position = micro[-1].end_position
         terms = runner.step(micro, step, guard)  # a non-finite step is skipped on every rank

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from tokenizer.losses import clip_loss, mse_loss, positives_between, positives_from_labels, psnr
+from tokenizer.losses import clip_loss, gathered_label_ids, mse_loss, psnr
 from tokenizer.qlip import QLIP, QLIPOutput
 from train.tokenizer_config import LossWeights
 
@@ -39,12 +39,14 @@ def stage1_loss_terms(model: QLIP, out: QLIPOutput, pixels: torch.Tensor, labels
              "code_entropy_bits": out.bsq.used_entropy_bits,
              "codebook_entropy": out.bsq.codebook_entropy, "per_sample_entropy": out.bsq.per_sample_entropy}
     if out.text_embeds is not None:
-        positives = positives_from_labels(labels, device=pixels.device)
+        image_ids = gathered_label_ids(labels, device=pixels.device)  # (B_global,), gathered once
+        positives = image_ids[:, None] == image_ids[None, :]
         batch = pixels.shape[0]
         text_embeds, negative_embeds = out.text_embeds[:batch], out.text_embeds[batch:]  # (B, E), (N, E)
         negative_positives = None
         if negative_labels is not None:
-            negative_positives = positives_between(labels, negative_labels, device=pixels.device)
+            negative_ids = gathered_label_ids(negative_labels, device=pixels.device)  # (N_global,)
+            negative_positives = image_ids[:, None] == negative_ids[None, :]
         elif negative_embeds.shape[0]:
             raise ValueError(f"{negative_embeds.shape[0]} text rows beyond the batch's {batch} images "
                              f"but no negative_labels")

@@ -239,16 +239,6 @@ class KeyedStream(MixedTaskStream):
 # The run
 # ---------------------------------------------------------------------------------------------
 
-def stop_step(stop_at: int, total: int) -> int:
-    return min(stop_at, total) if stop_at else total
-
-
-def set_total(total: int, stream: MixedTaskStream, bar: tqdm) -> None:
-    """A (re)planned run length reaches the mixture schedule and the progress bar."""
-    stream.total_steps = total
-    bar.total = total
-    bar.refresh()
-
 
 def train(cfg: UnifiedTrainConfig, setup: Setup, rank: int) -> dict:
     out_dir = Path(cfg.out_dir)
@@ -287,11 +277,12 @@ def train(cfg: UnifiedTrainConfig, setup: Setup, rank: int) -> dict:
     length = RunLength(cfg.steps, cfg.time_budget_s, engine.lr_scheduler, min_steps=cfg.optim.warmup_steps + 1,
                        state=budget_state, start_step=step)
     bar = tqdm(total=length.total, initial=step, desc="unified", unit="step", disable=rank != 0, dynamic_ncols=True)
-    length.on_change(lambda total: set_total(total, stream, bar))
+    length.track(bar)
+    length.on_change(lambda total: setattr(stream, "total_steps", total))  # the mixture schedule
     window, window_steps, window_start = None, 0, time.perf_counter()
     length.start_clock()
     pad_id = setup.text_tokenizer.pad_id
-    while step < stop_step(cfg.stop_at, length.total):
+    while step < length.end(cfg.stop_at):
         micro = [stream.next_keyed_batch(cfg.engine.micro_batch_size, step, pad_id)
                  for _ in range(cfg.engine.grad_accum_steps)]
         terms = train_step(engine, [batch for batch, _ in micro], setup.vocab, guard=guard,
@@ -305,7 +296,7 @@ def train(cfg: UnifiedTrainConfig, setup: Setup, rank: int) -> dict:
         check_skip_fraction(skip_log, cfg.max_skip_fraction, what="unified training data")  # collective
         if skipped:
             logger.log(step, {"skipped": skipped, "skipped_keys": guard.last_event["keys"]})
-        if step % cfg.log_every == 0 or step == stop_step(cfg.stop_at, length.total):
+        if step % cfg.log_every == 0 or step == length.end(cfg.stop_at):
             record = reduce_terms(window)  # collective: every rank; means over the window's steps
             seconds = time.perf_counter() - window_start
             record.update(lr=ds_engine.current_lr(engine), tokens_per_s=record.pop("tokens") / seconds,
@@ -317,7 +308,7 @@ def train(cfg: UnifiedTrainConfig, setup: Setup, rank: int) -> dict:
             window, window_steps, window_start = None, 0, time.perf_counter()
         if cfg.eval_every and step % cfg.eval_every == 0 and step < length.total:
             logger.log(step, run_eval(engine, setup, heldout))
-        if cfg.save_every and step % cfg.save_every == 0 and step < stop_step(cfg.stop_at, length.total):
+        if cfg.save_every and step % cfg.save_every == 0 and step < length.end(cfg.stop_at):
             save(engine, checkpoints, step, stream, setup.stats, cfg.keep_last, length)
         step_delay()  # TEST HOOK: QLIP_FAULT_STEP_DELAY_S
     bar.close()
