@@ -5,6 +5,8 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
+from einops import rearrange
 
 from mmcore.config import ConfigError, config_from_dict, config_to_dict, deep_merge
 from tokenizer.bsq import BSQOutput
@@ -297,3 +299,18 @@ def test_model_validates_config():
         TextEncoder(TextConfig(width=100, heads=3), embed_dim=8)
     assert QLIPConfig().text == PRESETS["tiny"].text  # defaults are the tiny shape
     assert math.isclose(PRESETS["tiny"].init_temperature, 0.07)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_equals_separate_rope_and_sdpa(causal):
+    """The fused path (q and k rotated in one multiply, strided views into SDPA) computes the
+    textbook one: split heads, rotate q and k separately, attend, merge heads, project."""
+    torch.manual_seed(0)
+    attn = Attention(32, 2, sub_ln=True)
+    x = torch.randn(2, 17, 32)
+    angles = patch_rope_angles(ViTConfig(image_size=16, patch_size=4, width=32, heads=2, rope=True), 1)
+    q, k, v = rearrange(attn.qkv(x), "b n (three h d) -> three b h n d", three=3, h=2)
+    out = F.scaled_dot_product_attention(apply_rope(q, angles), apply_rope(k, angles), v, is_causal=causal)
+    expected = attn.proj(attn.inner_norm(rearrange(out, "b h n d -> b n (h d)")))
+    assert torch.allclose(attn(x, rope_table(angles), causal), expected, atol=1e-5)
+    assert torch.allclose(attn(x, angles, causal), expected, atol=1e-5)

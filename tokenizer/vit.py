@@ -119,17 +119,29 @@ def rope_2d_angles(coords: torch.Tensor, head_dim: int, base: float = 10000.0) -
 
 
 class RopeTable(NamedTuple):
-    """Per-token rotation factors, built once per trunk forward and shared by every block."""
+    """Per-token rotations, built once per trunk forward and shared by every block."""
 
-    cos: torch.Tensor  # (N, head_dim) float32: cos of each pair's angle, repeated for both members
-    sin: torch.Tensor  # (N, head_dim) float32: (-sin, +sin) of each pair's angle
+    rotation: torch.Tensor  # (N, head_dim/2) complex64: e^{j·angle} of each pair of head dims
 
 
 def rope_table(angles: torch.Tensor) -> RopeTable:
-    """(N, head_dim/2) angles -> :class:`RopeTable` (float32 whatever the compute dtype)."""
+    """(N, head_dim/2) angles -> :class:`RopeTable` (complex64 whatever the compute dtype)."""
     angles = angles.float()
-    cos, sin = angles.cos(), angles.sin()
-    return RopeTable(cos.repeat_interleave(2, dim=-1), torch.stack([-sin, sin], dim=-1).flatten(-2))
+    return RopeTable(torch.polar(torch.ones_like(angles), angles))
+
+
+def rotate_pairs(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """Pairs ``(x[2i], x[2i+1])`` of (..., head_dim) as complex numbers, times ``rotation``
+    (complex, broadcastable to (..., head_dim/2)); float32 inside, ``x``'s dtype out.
+
+    One complex multiply: the real-valued form ``x·cos + swap(x)·(-sin, sin)`` took about six
+    elementwise passes (mul, flip, copy, mul, add, cast) per tensor, which made RoPE ~8% of the
+    B/16 encoder's CPU forward (profile in bench/bench_tokenizer.py's docstring).
+    """
+    pairs = x.float().unflatten(-1, (-1, 2))  # (..., head_dim/2, 2)
+    if pairs.stride(-1) != 1 or pairs.stride(-2) != 2:
+        pairs = pairs.contiguous()
+    return torch.view_as_real(torch.view_as_complex(pairs) * rotation).flatten(-2).to(x.dtype)
 
 
 def apply_rope(x: torch.Tensor, rope: torch.Tensor | RopeTable) -> torch.Tensor:
@@ -137,15 +149,10 @@ def apply_rope(x: torch.Tensor, rope: torch.Tensor | RopeTable) -> torch.Tensor:
     their precomputed :class:`RopeTable`).
 
     A rotation preserves each vector's norm; rotating both q and k makes ``<R_a q, R_b k>`` a
-    function of ``b - a`` only. Computed in float32 (large angles lose precision in bf16). As
-    ``x * cos + swap(x) * (-sin, sin)`` with ``swap`` exchanging the members of each pair: four
-    elementwise passes, where unbinding the pairs and stacking the halves back took about ten
-    (5.0 -> 4.2 ms per call on a (64, 4, 64, 32) tensor, 1 CPU thread; same values exactly).
+    function of ``b - a`` only. Computed in float32 (large angles lose precision in bf16).
     """
     table = rope if isinstance(rope, RopeTable) else rope_table(rope)
-    x32 = x.float()
-    swapped = x32.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (..., N, head_dim): (x1, x0) pairs
-    return (x32 * table.cos + swapped * table.sin).to(x.dtype)
+    return rotate_pairs(x, table.rotation)
 
 
 def patch_rope_angles(config: ViTConfig, num_prefix: int, device=None) -> torch.Tensor | None:
@@ -186,12 +193,19 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rope_angles: torch.Tensor | RopeTable | None = None,
                 causal: bool = False) -> torch.Tensor:
         """(B, N, width) -> (B, N, width)."""
-        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d",
-                            three=3, h=self.heads)
+        qkv = self.qkv(x).unflatten(-1, (3, self.heads, -1))  # (B, N, 3, h, d)
         if rope_angles is not None:
-            q, k = apply_rope(q, rope_angles), apply_rope(k, rope_angles)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, h, N, d)
-        out = rearrange(out, "b h n d -> b n (h d)")
+            table = rope_angles if isinstance(rope_angles, RopeTable) else rope_table(rope_angles)
+            # q and k rotated in one multiply: (B, N, 2, h, d) by (N, 1, 1, d/2)
+            qk = rotate_pairs(qkv[:, :, :2], table.rotation[:, None, None, :])
+            q, k = qk.unbind(2)
+        else:
+            q, k = qkv[:, :, 0], qkv[:, :, 1]
+        v = qkv[:, :, 2]
+        # (B, N, h, d) -> (B, h, N, d) views; SDPA takes the strides as they are
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             is_causal=causal)  # (B, h, N, d)
+        out = out.transpose(1, 2).flatten(2)  # (B, N, h*d)
         return self.proj(self.inner_norm(out))
 
 
@@ -220,7 +234,14 @@ class SwiGLU(nn.Module):
         self.w3 = nn.Linear(hidden, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w3(self.inner_norm(F.silu(self.w1(x)) * self.w2(x)))
+        if torch.is_grad_enabled():
+            hidden = F.silu(self.w1(x)) * self.w2(x)
+        else:
+            # Without autograd, gate in place: two (tokens, hidden) buffers fewer to allocate
+            # and fault in. B/16 at batch 8 on 2 CPU threads: the out-of-place multiply took
+            # 7.4 ms per layer, more than the SiLU (5.6 ms).
+            hidden = F.silu(self.w1(x), inplace=True).mul_(self.w2(x))
+        return self.w3(self.inner_norm(hidden))
 
 
 class Block(nn.Module):
