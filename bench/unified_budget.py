@@ -36,7 +36,7 @@ from train.optim import WarmupCosine  # noqa: E402
 from unified_mm.data.mixture import MixedTaskStream, MixtureConfig, SourceConfig, eval_sequences  # noqa: E402
 from unified_mm.quick_eval import heldout_losses  # noqa: E402
 from unified_mm.loss import modality_token_losses, weighted_mean_loss  # noqa: E402
-from unified_mm.model import UnifiedModelConfig, build_model, special_token_ids  # noqa: E402
+from unified_mm.model import UnifiedModelConfig, build_model  # noqa: E402
 from unified_mm.sequence import IGNORE_INDEX, SequenceBuilder, collate  # noqa: E402
 from unified_mm.tokenizer_cli import read_manifest, read_precomputed  # noqa: E402
 from unified_mm.vocab import Vocab  # noqa: E402
@@ -57,49 +57,7 @@ class Variant(NamedTuple):
     batch: int = 0  # 0: --batch
     bit_init: bool = False  # image-id embeddings initialised from their bit patterns
     image_weight: float = 1.0  # loss weight of image-id targets (unified_mm.loss.weighted_mean_loss)
-    pos2d: bool = False  # experiment: learned row + column + group embeddings added at image ids
-
-
-class ImagePositions(torch.nn.Module):
-    """Experiment (bench only): row + column + group embeddings added to image ids' input rows.
-
-    Llama sees an image as a flat run of h*w*G ids with 1D RoPE; these give every image id its
-    absolute place in the grid. The index of an image id inside its span is counted from the ids
-    alone: image ids so far minus image ids up to the last <boi>.
-    """
-
-    def __init__(self, vocab: Vocab, boi_id: int, hidden: int):
-        super().__init__()
-        self.vocab, self.boi_id = vocab, boi_id
-        self.row = torch.nn.Embedding(vocab.grid_size, hidden)
-        self.col = torch.nn.Embedding(vocab.grid_size, hidden)
-        self.group = torch.nn.Embedding(vocab.num_groups, hidden)
-        for table in (self.row, self.col, self.group):
-            torch.nn.init.normal_(table.weight, std=0.02)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # ids (B, T) -> (B, T, hidden)
-        is_image = self.vocab.is_image(ids)
-        seen = torch.cumsum(is_image.long(), dim=1)  # image ids up to and including t
-        before_span = torch.cummax(torch.where(ids == self.boi_id, seen, torch.zeros_like(seen)), dim=1).values
-        offset = (seen - before_span - 1).clamp(min=0)  # index inside the span
-        patch, group = offset // self.vocab.num_groups, offset % self.vocab.num_groups
-        rows = (patch // self.vocab.grid_size).clamp(max=self.vocab.grid_size - 1)
-        cols = patch % self.vocab.grid_size
-        extra = self.row(rows) + self.col(cols) + self.group(group)
-        return extra * is_image.unsqueeze(-1)
-
-
-class WithImagePositions(torch.nn.Module):
-    """A ``LlamaForCausalLM`` called as usual (input_ids, attention_mask -> .logits) with
-    :class:`ImagePositions` added to its input embeddings."""
-
-    def __init__(self, model, positions: ImagePositions):
-        super().__init__()
-        self.model, self.positions = model, positions
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        embeds = self.model.get_input_embeddings()(input_ids) + self.positions(input_ids)
-        return self.model(inputs_embeds=embeds, attention_mask=attention_mask)
+    pos2d: bool = False  # row + column + group embeddings at image ids (unified_mm/image_positions.py)
 
 
 VARIANTS = {
@@ -175,12 +133,8 @@ def run_variant(name: str, args) -> dict:
     stream = MixedTaskStream([SourceConfig(codes=args.codes)], MixtureConfig(start=mix, chat_turns=variant.chat_turns), builder,
                              tokenizer_hash=tok_hash, total_steps=steps, seed=0, rank=0, shuffle_buffer=2000)
     torch.manual_seed(0)
-    model = build_model(UnifiedModelConfig(preset=preset, image_embedding_init="bits" if variant.bit_init else "default"),
-                        vocab)
-    if variant.pos2d:
-        model = WithImagePositions(model, ImagePositions(vocab, special_token_ids(vocab)["<boi>"],
-                                                         model.config.hidden_size))
-    model = model.to(device)
+    model = build_model(UnifiedModelConfig(preset=preset, image_embedding_init="bits" if variant.bit_init else "default",
+                                           image_positions=variant.pos2d), vocab).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(50, steps, 0.1))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)

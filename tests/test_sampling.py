@@ -18,10 +18,12 @@ from unified_mm.sequence import SequenceBuilder
 PROMPTS = ["a red circle", "draw a green triangle in the top left", "red", "a blue square"]
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
+@pytest.fixture(scope="module", params=[False, True], ids=["plain", "image_positions"])
+def env(request, tmp_path_factory):
+    """A model without, and one with, image position embeddings: the second must see the same
+    place for an image id whether it comes from a full forward or from the KV-cached decoder."""
     root = tmp_path_factory.mktemp("sampling")
-    export = make_export(root)
+    export = make_export(root, image_positions=request.param)
     loaded = load_unified(export)
     builder = SequenceBuilder(loaded.text_tokenizer, loaded.vocab, loaded.model.config.max_position_embeddings)
     return {"root": root, "export": export, "loaded": loaded, "builder": builder}
@@ -103,7 +105,9 @@ def test_cfg_scale_one_is_conditional_sampling_without_unconditional_rows(env):
     unconditional row: one prefill of the one distinct prompt, then forwards of 3 rows (3 images)."""
     batch_rows = []
     hook = env["loaded"].model.model.register_forward_pre_hook(
-        lambda module, args, kwargs: batch_rows.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+        lambda module, args, kwargs: batch_rows.append(
+            (kwargs["input_ids"] if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]).shape[0]),
+        with_kwargs=True)
     try:
         samples = run(env, prompts=PROMPTS[:1], n=3, cfg_scale=1.0, temperature=1.0)
     finally:

@@ -12,6 +12,7 @@ import torch
 
 from train.distributed import find_free_port
 from unified_mm.export import load_unified
+from unified_mm.image_positions import image_position_embedding
 from tests.unified_env import make_unified_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,16 +112,19 @@ def test_budgeted_run_resumes_with_its_plan_and_spent_seconds(env, tmp_path):
     assert trained[-1]["lr"] == pytest.approx(4e-4)  # annealed on the planned step
 
 
-@pytest.mark.parametrize("zero, launcher", [(2, "torchrun"), (3, "deepspeed")])
-def test_two_process_zero_run_trains_and_exports(env, tmp_path, zero, launcher):
+@pytest.mark.parametrize("zero, launcher, places", [(2, "torchrun", False), (3, "deepspeed", True)])
+def test_two_process_zero_run_trains_and_exports(env, tmp_path, zero, launcher, places):
+    """ZeRO-3 runs with image position embeddings: their tables are partitioned like every other
+    parameter, gathered into the export, and rebuilt from config.json when it is loaded."""
     out = tmp_path / f"zero{zero}"
-    train(env, out, "steps=4", f"engine.deepspeed_config=configs/deepspeed/zero{zero}.json", procs=2,
-          launcher=launcher)
+    train(env, out, "steps=4", f"engine.deepspeed_config=configs/deepspeed/zero{zero}.json",
+          f"model.image_positions={str(places).lower()}", procs=2, launcher=launcher)
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["final_eval"]) == {f"eval/{t}" for t in ("vqa", "caption", "chat", "t2i", "text")}
     assert metrics["vqa_greedy"]["questions"] == 8
     loaded = load_unified(out / "export")
     assert loaded.hash == metrics["export_hash"] and loaded.tokenizer_hash == metrics["tokenizer_hash"]
+    assert (image_position_embedding(loaded.model) is not None) == places
     # the export holds the trained weights: its held-out loss is the logged final one
     from unified_mm.data.mixture import MixtureConfig, SourceConfig, eval_sequences
     from unified_mm.quick_eval import heldout_losses

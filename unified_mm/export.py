@@ -38,6 +38,7 @@ from tokenizer import export as qlip_export
 from tokenizer.export import (LoadedTokenizer, load_tokenizer, load_weights, read_export_config,
                               state_key_problems, tokenizer_hash)
 from tokenizer.qlip import QLIPConfig
+from unified_mm.image_positions import CONFIG_FLAG as IMAGE_POSITIONS_FLAG, install_image_positions
 from unified_mm.model import resolve_attention, special_token_ids
 from unified_mm.vocab import Vocab
 
@@ -342,6 +343,8 @@ def load_unified(export_dir: str | Path, device: str | torch.device = "cpu",
     # flash-attn only runs in half precision; float32 on CUDA gets sdpa
     attn = resolve_attention("auto", device) if dtype in (torch.float16, torch.bfloat16) else "sdpa"
     model = LlamaForCausalLM._from_config(copy.deepcopy(config), attn_implementation=attn, dtype=torch.float32)
+    if getattr(config, IMAGE_POSITIONS_FLAG, False):
+        install_image_positions(model, vocab, special_token_ids(vocab)["<boi>"])
     aliases = _alias_keys(model)
     expected = {k: v for k, v in _model_shapes(model).items() if k not in aliases}
     problems = state_key_problems(expected, {k: v.shape for k, v in state_dict.items()})

@@ -8,7 +8,9 @@ per row at ``<eos>``.
 
 :class:`DecodeState` is what text decoding, text-to-image sampling (``unified_mm.sampling``) and
 chat (``unified_mm.chat``) have in common: a ``transformers.DynamicCache``, the 2D attention mask of
-everything cached, each row's next position id and each row's last hidden state. The logits are
+everything cached, each row's next position id, each row's last hidden state, and (for a model
+with image position embeddings, ``unified_mm.image_positions``) the index its next image id
+would take inside its image span. The logits are
 computed from the hidden state by :func:`head_logits` on *one id range only* (the text ids, or one
 image group): the LM head's cost then scales with the range, not with the whole unified
 vocabulary, and ids outside the range cannot be produced at all.
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache, LlamaForCausalLM
 from transformers.cache_utils import DynamicLayer
 
+from unified_mm.image_positions import image_position_embedding, span_offsets
 from unified_mm.vocab import Vocab
 
 
@@ -133,6 +136,8 @@ class DecodeState:
     mask: torch.Tensor  # (B, T) long: 1 on real (cached) tokens, 0 on left padding
     next_positions: torch.Tensor  # (B,) long: position id of each row's next token
     hidden: torch.Tensor  # (B, hidden) final-norm hidden state of each row's last token
+    # (B,) long: index inside its image span the row's next image id would get (image_positions.py)
+    span_offset: torch.Tensor
 
     @property
     def rows(self) -> int:
@@ -144,10 +149,19 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 
 def _forward(model: LlamaForCausalLM, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
-             cache: DynamicCache) -> torch.Tensor:
-    """Run the decoder body (no LM head) on ids (B, k); returns the last hidden state (B, hidden)."""
-    out = model.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
-    return out.last_hidden_state[:, -1]
+             cache: DynamicCache, span_start: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the decoder body (no LM head) on ids (B, k) that continue rows whose next image id
+    would take index ``span_start`` (B,) in its span; returns the last hidden state (B, hidden)
+    and the rows' next span offsets (B,)."""
+    places = image_position_embedding(model)
+    if places is None:
+        out = model.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+        return out.last_hidden_state[:, -1], span_start
+    # the embedding cannot see a <boi> that is already in the cache: count the offsets here
+    offsets = span_offsets(ids, places.vocab, places.boi_id, span_start)
+    embeds = places.embed(ids, offsets.offsets)
+    out = model.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+    return out.last_hidden_state[:, -1], offsets.next_offset
 
 
 def prefill(model: LlamaForCausalLM, prompts: Sequence[Sequence[int]], pad_id: int,
@@ -159,8 +173,8 @@ def prefill(model: LlamaForCausalLM, prompts: Sequence[Sequence[int]], pad_id: i
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, P): real tokens count from 0
     cache = new_cache(model, ids.shape[1] + reserve)
-    hidden = _forward(model, ids, mask, positions, cache)
-    return DecodeState(cache, mask, mask.sum(-1), hidden)
+    hidden, span_offset = _forward(model, ids, mask, positions, cache, torch.zeros_like(mask[:, 0]))
+    return DecodeState(cache, mask, mask.sum(-1), hidden, span_offset)
 
 
 def _attention_mask(model: LlamaForCausalLM, mask: torch.Tensor, k: int) -> torch.Tensor:
@@ -181,8 +195,9 @@ def advance(model: LlamaForCausalLM, state: DecodeState, ids: torch.Tensor) -> D
     k = ids.shape[1]
     mask = torch.cat([state.mask, torch.ones_like(state.mask[:, :1]).expand(-1, k)], dim=1)
     positions = state.next_positions[:, None] + torch.arange(k, device=ids.device)  # (B, k)
-    hidden = _forward(model, ids, _attention_mask(model, mask, k), positions, state.cache)
-    return DecodeState(state.cache, mask, state.next_positions + k, hidden)
+    hidden, span_offset = _forward(model, ids, _attention_mask(model, mask, k), positions, state.cache,
+                                   state.span_offset)
+    return DecodeState(state.cache, mask, state.next_positions + k, hidden, span_offset)
 
 
 def head_logits(model: LlamaForCausalLM, hidden: torch.Tensor, start: int = 0,
@@ -201,7 +216,8 @@ def select_rows(model: LlamaForCausalLM, state: DecodeState, index: torch.Tensor
     data = [(layer.keys.index_select(0, index), layer.values.index_select(0, index))
             for layer in state.cache.layers]
     return DecodeState(new_cache(model, cache_capacity(state.cache), data), state.mask.index_select(0, index),
-                       state.next_positions.index_select(0, index), state.hidden.index_select(0, index))
+                       state.next_positions.index_select(0, index), state.hidden.index_select(0, index),
+                       state.span_offset.index_select(0, index))
 
 
 def _pad_left(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
@@ -225,7 +241,8 @@ def concat_states(model: LlamaForCausalLM, states: Sequence[DecodeState]) -> Dec
     mask = torch.cat([_pad_left(s.mask, width, 1) for s in states])
     reserve = max(cache_capacity(s.cache) - s.mask.shape[1] for s in states)
     return DecodeState(new_cache(model, width + reserve, data), mask,
-                       torch.cat([s.next_positions for s in states]), torch.cat([s.hidden for s in states]))
+                       torch.cat([s.next_positions for s in states]), torch.cat([s.hidden for s in states]),
+                       torch.cat([s.span_offset for s in states]))
 
 
 @torch.inference_mode()

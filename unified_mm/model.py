@@ -16,6 +16,10 @@ ids) start at the mean of the existing rows (DESIGN.md §3). The model's own ``<
 are kept but unused by our templates; the config's ``pad/bos/eos_token_id`` (and the generation
 config's) are set to our specials.
 
+With ``image_positions`` the input embedding becomes an
+:class:`unified_mm.image_positions.ImagePositionEmbedding` (the same token rows plus row/column/group
+embeddings at image ids); the model class and everything else stay stock.
+
 The model is plain single-device code: no DeepSpeed, no training loop. It is built on the CPU in
 float32; callers move it (``model.to(device, dtype)``).
 """
@@ -37,6 +41,7 @@ from mmcore.config import ConfigError
 from mmcore.errors import UserError
 from mmcore.io import read_json
 from mmcore.text_tokenizer import SPECIALS
+from unified_mm.image_positions import install_image_positions
 from unified_mm.vocab import Vocab
 
 __all__ = [
@@ -98,6 +103,9 @@ class UnifiedModelConfig:
     # the mean row when extending a pretrained model) or "bits" (a fixed random linear map of the
     # code's ±1 bits, see init_image_rows_from_bits). Only the start differs; loading ignores it.
     image_embedding_init: str = "default"
+    # Learned row + column + group embeddings added to image ids' inputs
+    # (unified_mm/image_positions.py); saved in config.json, so loading rebuilds them.
+    image_positions: bool = False
 
     def validate(self) -> None:
         if self.preset not in PRESETS:
@@ -230,6 +238,8 @@ def build_model(cfg: UnifiedModelConfig, vocab: Vocab, text_pieces: int | None =
         extend_vocabulary(model, vocab)
     if cfg.image_embedding_init == "bits":
         init_image_rows_from_bits(model, vocab)
+    if cfg.image_positions:
+        install_image_positions(model, vocab, special_token_ids(vocab)["<boi>"])
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model.train()
