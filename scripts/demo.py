@@ -93,7 +93,9 @@ def unified_report(out: Path) -> str:
     first, final = metrics["first_eval"], metrics["final_eval"]
     losses = ", ".join(f"{k.split('/')[-1]} {first[k]:.2f}->{final[k]:.2f}" for k in sorted(final))
     vqa = metrics.get("vqa_greedy", {})
-    return f"{steps_text(metrics)}; held-out loss {losses}; greedy VQA {vqa.get('accuracy', float('nan')):.1%}"
+    autocast = f" (forward under {metrics['cpu_autocast']} autocast)" if metrics.get("cpu_autocast") else ""
+    return (f"{steps_text(metrics)}{autocast}; held-out loss {losses}; "
+            f"greedy VQA {vqa.get('accuracy', float('nan')):.1%}")
 
 
 def eval_report(out: Path) -> str:

@@ -112,14 +112,19 @@ def test_budgeted_run_resumes_with_its_plan_and_spent_seconds(env, tmp_path):
     assert trained[-1]["lr"] == pytest.approx(4e-4)  # annealed on the planned step
 
 
-@pytest.mark.parametrize("zero, launcher, places", [(2, "torchrun", False), (3, "deepspeed", True)])
-def test_two_process_zero_run_trains_and_exports(env, tmp_path, zero, launcher, places):
+@pytest.mark.parametrize("zero, launcher, places, autocast", [(2, "torchrun", False, "bf16"),
+                                                              (3, "deepspeed", True, "none")])
+def test_two_process_zero_run_trains_and_exports(env, tmp_path, zero, launcher, places, autocast):
     """ZeRO-3 runs with image position embeddings: their tables are partitioned like every other
-    parameter, gathered into the export, and rebuilt from config.json when it is loaded."""
+    parameter, gathered into the export, and rebuilt from config.json when it is loaded. The
+    ZeRO-2 run trains its forward under bf16 autocast; its evaluation stays fp32, so the reloaded
+    export reproduces the logged held-out losses all the same."""
     out = tmp_path / f"zero{zero}"
     train(env, out, "steps=4", f"engine.deepspeed_config=configs/deepspeed/zero{zero}.json",
-          f"model.image_positions={str(places).lower()}", procs=2, launcher=launcher)
+          f"model.image_positions={str(places).lower()}", f"engine.cpu_autocast={autocast}", procs=2,
+          launcher=launcher)
     metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["cpu_autocast"] == ("bfloat16" if autocast == "bf16" else None)
     assert set(metrics["final_eval"]) == {f"eval/{t}" for t in ("vqa", "caption", "chat", "t2i", "text")}
     assert metrics["vqa_greedy"]["questions"] == 8
     loaded = load_unified(out / "export")

@@ -18,6 +18,7 @@ directory: what sampling and eval load) and ``metrics.json`` (held-out losses, g
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import sys
 import time
@@ -40,6 +41,7 @@ from train import ds_engine
 from train.distributed import (add_launcher_args, barrier, init_distributed,
                                print_rank0, set_seed, shutdown_distributed)
 from train.budget import RunLength
+from train.optim import cpu_autocast_dtype
 from train.faults import (StepGuard, check_skip_fraction, merged_skip_summary, step_delay,
                           validate_fault_config)
 from train.tokenizer import gather_positions
@@ -157,8 +159,12 @@ class Setup:
 # ---------------------------------------------------------------------------------------------
 
 def train_step(engine, micro_batches, vocab: Vocab, guard: StepGuard | None = None,
-               keys: list | None = None, step: int = 0, image_token_weight: float = 1.0) -> dict:
+               keys: list | None = None, step: int = 0, image_token_weight: float = 1.0,
+               autocast_dtype: torch.dtype | None = None) -> dict:
     """One optimizer step; returns this rank's loss sums/counts per task and token count.
+
+    ``autocast_dtype``: the forward runs under CPU autocast to it (``engine.cpu_autocast``); the
+    loss is computed from the logits upcast per slice to float32 either way.
 
     With ``guard``, a non-finite loss on any rank skips step ``step`` (1-based) on every rank
     (:mod:`train.faults`); skipped micro-batches add nothing to the sums and ``"skipped"`` holds
@@ -170,8 +176,9 @@ def train_step(engine, micro_batches, vocab: Vocab, guard: StepGuard | None = No
     if guard is not None:
         guard.begin(step)
     for index, batch in enumerate(micro_batches):
-        logits = engine(input_ids=batch.ids.to(engine.device),
-                        attention_mask=batch.attention_mask.to(engine.device)).logits
+        with forward_autocast(autocast_dtype):
+            logits = engine(input_ids=batch.ids.to(engine.device),
+                            attention_mask=batch.attention_mask.to(engine.device)).logits
         token_losses = modality_token_losses(logits, batch.labels.to(engine.device), vocab)
         loss = weighted_mean_loss(token_losses, batch.labels, vocab, image_token_weight)
         if guard is None:
@@ -185,6 +192,10 @@ def train_step(engine, micro_batches, vocab: Vocab, guard: StepGuard | None = No
         tokens += int(batch.attention_mask.sum())
     skipped = guard.end(engine) if guard is not None else None
     return {"sums": sums, "counts": counts, "tokens": tokens, "skipped": skipped}
+
+
+def forward_autocast(dtype: torch.dtype | None):
+    return torch.autocast("cpu", dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def reduce_terms(terms: dict) -> dict:
@@ -282,12 +293,15 @@ def train(cfg: UnifiedTrainConfig, setup: Setup, rank: int) -> dict:
     window, window_steps, window_start = None, 0, time.perf_counter()
     length.start_clock()
     pad_id = setup.text_tokenizer.pad_id
+    autocast_dtype = cpu_autocast_dtype(cfg.engine, engine.device)
+    if autocast_dtype is not None:
+        print_rank0(f"training forward under CPU autocast to {autocast_dtype} (engine.cpu_autocast={cfg.engine.cpu_autocast})")
     while step < length.end(cfg.stop_at):
         micro = [stream.next_keyed_batch(cfg.engine.micro_batch_size, step, pad_id)
                  for _ in range(cfg.engine.grad_accum_steps)]
         terms = train_step(engine, [batch for batch, _ in micro], setup.vocab, guard=guard,
                            keys=[keys for _, keys in micro], step=step + 1,
-                           image_token_weight=cfg.image_token_weight)
+                           image_token_weight=cfg.image_token_weight, autocast_dtype=autocast_dtype)
         skipped = terms.pop("skipped")
         window = terms if window is None else {k: window[k] + terms[k] for k in terms}
         window_steps += 1
@@ -317,7 +331,8 @@ def train(cfg: UnifiedTrainConfig, setup: Setup, rank: int) -> dict:
     summary = {"steps": step, "skipped_samples": skipped_samples, "samples_read": samples_read,
                "nonfinite_steps": guard.summary(), "sequence_stats": setup.stats.summary(),
                "passed_over": stream.passed_over, "parameters": params, "planned_steps": length.total,
-               "steps_cap": cfg.steps, "time_budget": length.state()}
+               "steps_cap": cfg.steps, "time_budget": length.state(),
+               "cpu_autocast": None if autocast_dtype is None else str(autocast_dtype).replace("torch.", "")}
     if step < length.total:
         print_rank0(f"stopped at step {step} (stop_at); rerun the same command to resume")
         logger.close()
