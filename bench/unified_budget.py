@@ -139,8 +139,9 @@ def run_variant(name: str, args) -> dict:
     stream = MixedTaskStream([SourceConfig(codes=args.codes)], MixtureConfig(start=mix, chat_turns=variant.chat_turns), builder,
                              tokenizer_hash=tok_hash, total_steps=steps, seed=0, rank=0, shuffle_buffer=2000)
     torch.manual_seed(0)
-    model = build_model(UnifiedModelConfig(preset=preset, image_embedding_init="bits" if variant.bit_init else "default",
-                                           image_positions=variant.pos2d), vocab).to(device)
+    model_cfg = UnifiedModelConfig(preset=preset, image_embedding_init="bits" if variant.bit_init else "default",
+                                   image_positions=variant.pos2d)
+    model = build_model(model_cfg, vocab).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(50, steps, 0.1))
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"

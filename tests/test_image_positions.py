@@ -85,8 +85,8 @@ def test_export_with_places_reloads_to_identical_logits(tmp_path):
     places = image_position_embedding(loaded.model)
     assert places is not None
     text = loaded.text_tokenizer
-    boi = text.boi_id
-    ids = torch.tensor([[text.bos_id, boi, *loaded.vocab.codes_to_ids(torch.zeros(loaded.vocab.num_patches, 2, dtype=torch.long)).tolist()]])
+    codes = torch.zeros(loaded.vocab.num_patches, loaded.vocab.num_groups, dtype=torch.long)  # (N, G)
+    ids = torch.tensor([[text.bos_id, text.boi_id, *loaded.vocab.codes_to_ids(codes).tolist()]])
     with torch.no_grad():
         logits = loaded.model(input_ids=ids).logits
         again = load_unified(export).model(input_ids=ids).logits

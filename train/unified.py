@@ -295,7 +295,8 @@ def train(cfg: UnifiedTrainConfig, setup: Setup, rank: int) -> dict:
     pad_id = setup.text_tokenizer.pad_id
     autocast_dtype = cpu_autocast_dtype(cfg.engine, engine.device)
     if autocast_dtype is not None:
-        print_rank0(f"training forward under CPU autocast to {autocast_dtype} (engine.cpu_autocast={cfg.engine.cpu_autocast})")
+        print_rank0(f"training forward under CPU autocast to {autocast_dtype} "
+                    f"(engine.cpu_autocast={cfg.engine.cpu_autocast})")
     while step < length.end(cfg.stop_at):
         micro = [stream.next_keyed_batch(cfg.engine.micro_batch_size, step, pad_id)
                  for _ in range(cfg.engine.grad_accum_steps)]
