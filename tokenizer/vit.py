@@ -124,8 +124,11 @@ class RopeTable(NamedTuple):
     rotation: torch.Tensor  # (N, head_dim/2) complex64: e^{j·angle} of each pair of head dims
 
 
-def rope_table(angles: torch.Tensor) -> RopeTable:
-    """(N, head_dim/2) angles -> :class:`RopeTable` (complex64 whatever the compute dtype)."""
+def rope_table(angles: torch.Tensor | RopeTable) -> RopeTable:
+    """(N, head_dim/2) angles -> :class:`RopeTable` (complex64 whatever the compute dtype); a
+    table is returned as is."""
+    if isinstance(angles, RopeTable):
+        return angles
     angles = angles.float()
     return RopeTable(torch.polar(torch.ones_like(angles), angles))
 
@@ -151,8 +154,7 @@ def apply_rope(x: torch.Tensor, rope: torch.Tensor | RopeTable) -> torch.Tensor:
     A rotation preserves each vector's norm; rotating both q and k makes ``<R_a q, R_b k>`` a
     function of ``b - a`` only. Computed in float32 (large angles lose precision in bf16).
     """
-    table = rope if isinstance(rope, RopeTable) else rope_table(rope)
-    return rotate_pairs(x, table.rotation)
+    return rotate_pairs(x, rope_table(rope).rotation)
 
 
 def patch_rope_angles(config: ViTConfig, num_prefix: int, device=None) -> torch.Tensor | None:
@@ -195,9 +197,8 @@ class Attention(nn.Module):
         """(B, N, width) -> (B, N, width)."""
         qkv = self.qkv(x).unflatten(-1, (3, self.heads, -1))  # (B, N, 3, h, d)
         if rope_angles is not None:
-            table = rope_angles if isinstance(rope_angles, RopeTable) else rope_table(rope_angles)
             # q and k rotated in one multiply: (B, N, 2, h, d) by (N, 1, 1, d/2)
-            qk = rotate_pairs(qkv[:, :, :2], table.rotation[:, None, None, :])
+            qk = rotate_pairs(qkv[:, :, :2], rope_table(rope_angles).rotation[:, None, None, :])
             q, k = qk.unbind(2)
         else:
             q, k = qkv[:, :, 0], qkv[:, :, 1]

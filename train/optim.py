@@ -56,8 +56,6 @@ class EngineConfig:
     def validate(self) -> None:
         if self.micro_batch_size < 1 or self.grad_accum_steps < 1:
             raise ConfigError("engine.micro_batch_size and engine.grad_accum_steps must be >= 1")
-        if self.cpu_autocast not in ("none", "bf16", "auto"):
-            raise ConfigError(f"engine.cpu_autocast must be none, bf16 or auto, got {self.cpu_autocast!r}")
 
 
 def cpu_has_amx_bf16() -> bool:

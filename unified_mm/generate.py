@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache, LlamaForCausalLM
 from transformers.cache_utils import DynamicLayer
 
-from unified_mm.image_positions import image_position_embedding, span_offsets
+from unified_mm.image_positions import image_position_embedding
 from unified_mm.vocab import Vocab
 
 
@@ -157,11 +157,10 @@ def _forward(model: LlamaForCausalLM, ids: torch.Tensor, mask: torch.Tensor, pos
     if places is None:
         out = model.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
         return out.last_hidden_state[:, -1], span_start
-    # the embedding cannot see a <boi> that is already in the cache: count the offsets here
-    offsets = span_offsets(ids, places.vocab, places.boi_id, span_start)
-    embeds = places.embed(ids, offsets.offsets)
+    # the embedding cannot see a <boi> that is already in the cache: it continues from span_start
+    embeds, next_offset = places.continuation(ids, span_start)
     out = model.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
-    return out.last_hidden_state[:, -1], offsets.next_offset
+    return out.last_hidden_state[:, -1], next_offset
 
 
 def prefill(model: LlamaForCausalLM, prompts: Sequence[Sequence[int]], pad_id: int,
