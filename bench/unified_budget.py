@@ -33,7 +33,7 @@ import torch  # noqa: E402
 from mmcore.text_tokenizer import TextTokenizer  # noqa: E402
 from tokenizer.export import tokenizer_hash  # noqa: E402
 from train.optim import WarmupCosine  # noqa: E402
-from unified_mm.data.mixture import MixedTaskStream, MixtureConfig, SourceConfig, eval_sequences  # noqa: E402
+from unified_mm.data.mixture import MixedTaskStream, MixtureConfig, SourceConfig, eval_sequences, text_gain  # noqa: E402
 from unified_mm.quick_eval import heldout_losses  # noqa: E402
 from unified_mm.loss import modality_token_losses, weighted_mean_loss  # noqa: E402
 from unified_mm.model import UnifiedModelConfig, build_model  # noqa: E402
@@ -59,6 +59,8 @@ class Variant(NamedTuple):
     image_weight: float = 1.0  # loss weight of image-id targets (unified_mm.loss.weighted_mean_loss)
     pos2d: bool = False  # row + column + group embeddings at image ids (unified_mm/image_positions.py)
     cpu_bf16: bool = False  # bf16 autocast of the training forward on CPU (fp32 weights and optimizer)
+    one_group: bool = False  # all of a patch's bits as ONE image id (G=1, 2^L ids): half the image ids per image
+    overrides: dict = {}  # LlamaConfig fields over the preset row (UnifiedModelConfig.overrides)
 
 
 VARIANTS = {
@@ -93,9 +95,31 @@ VARIANTS = {
     # the same wall time as iw0.25_pos2d_550 when bf16 steps are 1.2x faster (AMX CPUs)
     "iw0.25_pos2d_bf16_660": Variant("tiny", 660, 4e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True,
                                      image_weight=0.25, pos2d=True, cpu_bf16=True),
+    "g1_iw0.5_pos2d_550": Variant("tiny", 550, 4e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True,
+                                  image_weight=0.5, pos2d=True, one_group=True),
+    # depth at equal wall time: 6 layers of 128 (380 steps ~ 550 of 4 layers), 6 layers of 96
+    "deep6_iw0.25_pos2d_380": Variant("tiny", 380, 4e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True,
+                                      image_weight=0.25, pos2d=True, overrides={"num_hidden_layers": 6}),
+    "deep6w96_iw0.25_pos2d_550": Variant("tiny", 550, 4e-3, MULTI_QA_MIX, chat_turns=5, max_length=224,
+                                         bit_init=True, image_weight=0.25, pos2d=True,
+                                         overrides={"num_hidden_layers": 6, "hidden_size": 96,
+                                                    "intermediate_size": 384}),
     "multiqa_bits_550": Variant("tiny", 550, 2e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True),
     "multiqa_bits_750": Variant("tiny", 750, 2e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True),
 }
+
+
+class OneGroupBuilder(SequenceBuilder):
+    """Bench-only: a patch's G stored group indices (MSB-first groups) become one index of all L bits."""
+
+    def __init__(self, *args, stored_group_size: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.stored_group_size = stored_group_size
+
+    def image_ids(self, image_codes) -> list[int]:
+        codes = torch.as_tensor(image_codes).long()  # (N, G_stored)
+        weights = torch.tensor([1 << (self.stored_group_size * k) for k in reversed(range(codes.shape[-1]))])
+        return super().image_ids((codes * weights).sum(-1, keepdim=True))  # (N, 1)
 
 
 def vqa_accuracy(model, builder: SequenceBuilder, codes: str, tok_hash: str, device, n: int = 500) -> dict:
@@ -133,14 +157,18 @@ def run_variant(name: str, args) -> dict:
     device = torch.device(args.device)
     text = TextTokenizer(Path(args.tokenizer) / "text_tokenizer.model")
     manifest = read_manifest(args.codes)
-    vocab = Vocab.for_tokenizers(text.vocab_size, manifest["num_bits"], manifest["group_size"], manifest["grid_size"])
-    builder = SequenceBuilder(text, vocab, variant.max_length)
+    if variant.one_group:
+        vocab = Vocab.for_tokenizers(text.vocab_size, manifest["num_bits"], manifest["num_bits"], manifest["grid_size"])
+        builder = OneGroupBuilder(text, vocab, variant.max_length, stored_group_size=manifest["group_size"])
+    else:
+        vocab = Vocab.for_tokenizers(text.vocab_size, manifest["num_bits"], manifest["group_size"], manifest["grid_size"])
+        builder = SequenceBuilder(text, vocab, variant.max_length)
     tok_hash = tokenizer_hash(args.tokenizer)
     stream = MixedTaskStream([SourceConfig(codes=args.codes)], MixtureConfig(start=mix, chat_turns=variant.chat_turns), builder,
                              tokenizer_hash=tok_hash, total_steps=steps, seed=0, rank=0, shuffle_buffer=2000)
     torch.manual_seed(0)
     model_cfg = UnifiedModelConfig(preset=preset, image_embedding_init="bits" if variant.bit_init else "default",
-                                   image_positions=variant.pos2d)
+                                   image_positions=variant.pos2d, overrides=dict(variant.overrides))
     model = build_model(model_cfg, vocab).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(50, steps, 0.1))
@@ -169,11 +197,14 @@ def run_variant(name: str, args) -> dict:
     # what a loss weighting costs the other tasks: held-out per-task losses on val (64 each)
     held = eval_sequences(SourceConfig(codes=args.codes, split="val"), MixtureConfig(start=mix, chat_turns=variant.chat_turns),
                           builder, tokenizer_hash=tok_hash, per_task=64)
-    final.update({f"heldout_{task}": round(value, 4)
-                  for task, value in heldout_losses(model, vocab, held, pad_id=text.pad_id).items()})
+    losses = heldout_losses(model, vocab, held, pad_id=text.pad_id)
+    final.update({f"heldout_{task}": round(value, 4) for task, value in losses.items()})
+    gain = text_gain(losses)
+    final["t2i_text_gain_per_image"] = None if gain is None else round(gain * vocab.tokens_per_image, 3)
     return {"variant": name, "preset": preset, "steps": steps, "lr": lr, "mixture": mix, "batch": batch_size,
             "chat_turns": variant.chat_turns, "bit_init": variant.bit_init, "image_weight": variant.image_weight,
-            "pos2d": variant.pos2d, "cpu_bf16": variant.cpu_bf16,
+            "pos2d": variant.pos2d, "cpu_bf16": variant.cpu_bf16, "one_group": variant.one_group,
+            "overrides": variant.overrides,
             "seconds": round(time.perf_counter() - start, 1), **final, "curve": curve}
 
 

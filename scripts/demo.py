@@ -91,10 +91,13 @@ def codes_report(out: Path) -> str:
 def unified_report(out: Path) -> str:
     metrics = read_json(out / "unified" / "metrics.json")
     first, final = metrics["first_eval"], metrics["final_eval"]
-    losses = ", ".join(f"{k.split('/')[-1]} {first[k]:.2f}->{final[k]:.2f}" for k in sorted(final))
+    gain = final.get("eval/t2i_text_gain")  # train/unified.py TEXT_GAIN_KEY
+    losses = ", ".join(f"{k.split('/')[-1]} {first[k]:.2f}->{final[k]:.2f}"
+                       for k in sorted(final) if k != "eval/t2i_text_gain")
     vqa = metrics.get("vqa_greedy", {})
     autocast = f" (forward under {metrics['cpu_autocast']} autocast)" if metrics.get("cpu_autocast") else ""
-    return (f"{steps_text(metrics)}{autocast}; held-out loss {losses}; "
+    caption_gain = f"; the caption lowers the image's loss by {gain:.1f} nats" if gain is not None else ""
+    return (f"{steps_text(metrics)}{autocast}; held-out loss {losses}{caption_gain}; "
             f"greedy VQA {vqa.get('accuracy', float('nan')):.1%}")
 
 

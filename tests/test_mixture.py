@@ -7,8 +7,8 @@ from mmcore.config import ConfigError
 from mmcore.errors import UserError
 from mmcore.text_tokenizer import TextTokenizer
 from tokenizer.export import tokenizer_hash
-from unified_mm.data.mixture import (MixedTaskStream, MixtureConfig, SourceConfig, build_sequence,
-                                     eval_sequences, sample_tasks, weights_at)
+from unified_mm.data.mixture import (UNCONDITIONAL_T2I, MixedTaskStream, MixtureConfig, SourceConfig,
+                                     build_sequence, eval_sequences, sample_tasks, text_gain, weights_at)
 from unified_mm.sequence import IGNORE_INDEX, TASKS, SequenceBuilder, SequenceStats
 from unified_mm.tokenizer_cli import read_manifest
 from unified_mm.vocab import Vocab
@@ -73,14 +73,32 @@ def test_every_task_builds_a_labelled_sequence(env):
     builder = SequenceBuilder(tok, vocab, 192)
     held_out = eval_sequences(SourceConfig(codes=str(paths["codes"]), split="val"), MixtureConfig(), builder,
                               tokenizer_hash=hash_, per_task=3)
-    assert set(held_out) == set(TASKS)
+    assert set(held_out) == set(TASKS) | {UNCONDITIONAL_T2I}
     for task, sequences in held_out.items():
         assert len(sequences) == 3
         for seq in sequences:
-            assert seq.task == task and any(label != IGNORE_INDEX for label in seq.labels)
+            assert seq.task == task.replace(UNCONDITIONAL_T2I, "t2i")
+            assert any(label != IGNORE_INDEX for label in seq.labels)
     again = eval_sequences(SourceConfig(codes=str(paths["codes"]), split="val"), MixtureConfig(), builder,
                            tokenizer_hash=hash_, per_task=3)
     assert again == held_out
+
+
+def test_unconditional_t2i_is_the_same_image_after_an_empty_caption(env):
+    paths, tok, vocab, hash_ = env
+    builder = SequenceBuilder(tok, vocab, 192)
+    held_out = eval_sequences(SourceConfig(codes=str(paths["codes"]), split="val"), MixtureConfig(), builder,
+                              tokenizer_hash=hash_, per_task=3)
+    for conditional, unconditional in zip(held_out["t2i"], held_out[UNCONDITIONAL_T2I]):
+        # the prompt: <bos> <user> <assistant> <boi>, nothing of the caption
+        assert unconditional.ids[:4] == [tok.bos_id, tok.user_id, tok.assistant_id, tok.boi_id]
+        assert len(conditional.ids) > len(unconditional.ids)
+        # the scored part (<boi>, image ids, <eoi>, <eos>) is the same
+        scored = [label for label in conditional.labels if label != IGNORE_INDEX]
+        assert scored == [label for label in unconditional.labels if label != IGNORE_INDEX]
+        assert len(scored) == vocab.tokens_per_image + 3
+    assert text_gain({"t2i": 0.5, UNCONDITIONAL_T2I: 0.75}) == 0.25
+    assert text_gain({"vqa": 0.5}) is None
 
 
 def test_sample_tasks_and_unservable_task():

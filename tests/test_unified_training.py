@@ -125,7 +125,8 @@ def test_two_process_zero_run_trains_and_exports(env, tmp_path, zero, launcher, 
           launcher=launcher)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["cpu_autocast"] == ("bfloat16" if autocast == "bf16" else None)
-    assert set(metrics["final_eval"]) == {f"eval/{t}" for t in ("vqa", "caption", "chat", "t2i", "text")}
+    assert set(metrics["final_eval"]) == {f"eval/{t}" for t in ("vqa", "caption", "chat", "t2i", "text",
+                                                                 "t2i_uncond", "t2i_text_gain")}
     assert metrics["vqa_greedy"]["questions"] == 8
     loaded = load_unified(out / "export")
     assert loaded.hash == metrics["export_hash"] and loaded.tokenizer_hash == metrics["tokenizer_hash"]
@@ -140,6 +141,8 @@ def test_two_process_zero_run_trains_and_exports(env, tmp_path, zero, launcher, 
     again = heldout_losses(loaded.model, loaded.vocab, held, pad_id=loaded.text_tokenizer.pad_id)
     for task, value in again.items():
         assert value == pytest.approx(metrics["final_eval"][f"eval/{task}"], rel=1e-4)
+    gain = (again["t2i_uncond"] - again["t2i"]) * loaded.vocab.tokens_per_image  # nats per image
+    assert gain == pytest.approx(metrics["final_eval"]["eval/t2i_text_gain"], rel=1e-3, abs=1e-5)
     logs = losses(out)
     assert sorted(logs) == [1, 2, 3, 4] and all(torch.isfinite(torch.tensor(r["loss"])) for r in logs.values())
 

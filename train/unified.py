@@ -46,7 +46,7 @@ from train.faults import (StepGuard, check_skip_fraction, merged_skip_summary, s
                           validate_fault_config)
 from train.tokenizer import gather_positions
 from train.unified_log import RunLogger
-from unified_mm.data.mixture import MixedTaskStream, MixtureConfig, SourceConfig, eval_sequences
+from unified_mm.data.mixture import MixedTaskStream, MixtureConfig, SourceConfig, eval_sequences, text_gain
 from unified_mm.data.shards import SkipLog
 from unified_mm.export import load_unified, save_unified
 from unified_mm.loss import modality_token_losses, per_task_losses, weighted_mean_loss
@@ -211,11 +211,19 @@ def reduce_terms(terms: dict) -> dict:
     return out
 
 
+# Logged with the held-out losses: unconditional minus conditional t2i loss, summed over an image.
+TEXT_GAIN_KEY = "eval/t2i_text_gain"
+
+
 def run_eval(engine, setup: Setup, heldout: dict) -> dict:
     engine.eval()
     losses = heldout_losses(engine, setup.vocab, heldout, pad_id=setup.text_tokenizer.pad_id)
     engine.train()
-    return {f"eval/{task}": value for task, value in losses.items()}
+    out = {f"eval/{task}": value for task, value in losses.items()}
+    gain = text_gain(losses)
+    if gain is not None:  # nats per image: what the caption tells the model about the whole image
+        out[TEXT_GAIN_KEY] = gain * setup.vocab.tokens_per_image
+    return out
 
 
 def save(engine, checkpoints: Path, step: int, stream: MixedTaskStream, stats: SequenceStats,
@@ -367,9 +375,12 @@ def final_metrics(cfg: UnifiedTrainConfig, setup: Setup, summary: dict) -> dict:
 
 def print_summary(metrics: dict) -> None:
     first, final = metrics.get("first_eval") or {}, metrics.get("final_eval") or {}
-    for key in sorted(final):
+    for key in sorted(set(final) - {TEXT_GAIN_KEY}):
         start = f"{first[key]:.3f} -> " if key in first else ""
         print_rank0(f"  held-out {key}: {start}{final[key]:.3f}")
+    if TEXT_GAIN_KEY in final:
+        print_rank0(f"  held-out text-to-image loss without the caption minus with it: "
+                    f"{final[TEXT_GAIN_KEY]:.2f} nats per image (near 0: the caption is ignored)")
     if "vqa_greedy" in metrics:
         vqa = metrics["vqa_greedy"]
         by_type = ", ".join(f"{k} {v:.1%}" for k, v in vqa["by_type"].items())

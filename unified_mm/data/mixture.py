@@ -27,6 +27,8 @@ from itertools import islice
 from pathlib import Path
 from typing import Iterator, Optional
 
+import torch
+
 from mmcore.config import ConfigError
 from mmcore.errors import UserError
 from unified_mm.data.shards import SkipLog
@@ -227,12 +229,18 @@ class MixedTaskStream:
         return collate([self.next_sequence(step) for _ in range(batch_size)], pad_id)
 
 
+# Held-out key of the t2i samples' images with the caption dropped (the CFG prompt): its loss
+# minus t2i's is how much the caption tells the model about the image (see text_gain).
+UNCONDITIONAL_T2I = "t2i_uncond"
+
+
 def eval_sequences(source: SourceConfig, cfg: MixtureConfig, builder: SequenceBuilder, *,
                    tokenizer_hash: str | None, per_task: int, seed: int = 0) -> dict[str, list[Sequence]]:
     """A fixed held-out set: the first ``per_task`` usable samples of ``source`` for each task.
 
     Deterministic (file order, seeded choices, no caption dropout), so the eval loss at every
-    step and across resumes is measured on the same sequences.
+    step and across resumes is measured on the same sequences. When there are t2i samples,
+    :data:`UNCONDITIONAL_T2I` holds the same images after an empty caption.
     """
     fixed = dataclasses.replace(cfg, caption_dropout=0.0)
     out: dict[str, list[Sequence]] = {task: [] for task in TASKS if task in source.tasks}
@@ -246,4 +254,27 @@ def eval_sequences(source: SourceConfig, cfg: MixtureConfig, builder: SequenceBu
                     out[task].append(sequence)
         if all(len(seqs) >= per_task for seqs in out.values()):
             break
-    return {task: seqs for task, seqs in out.items() if seqs}
+    held_out = {task: seqs for task, seqs in out.items() if seqs}
+    if "t2i" in held_out:
+        held_out[UNCONDITIONAL_T2I] = [unconditional(seq, builder) for seq in held_out["t2i"]]
+    return held_out
+
+
+def unconditional(t2i: Sequence, builder: SequenceBuilder) -> Sequence:
+    """The same image after an empty caption (what caption dropout trains, CFG's second branch)."""
+    image_ids = t2i.ids[t2i.ids.index(builder.tok.boi_id) + 1: t2i.ids.index(builder.tok.eoi_id)]
+    codes = builder.vocab.ids_to_codes(torch.tensor(image_ids))  # (N, G)
+    sequence = builder.generation("", codes, drop_caption=True)
+    assert sequence is not None  # an empty caption fits wherever the captioned one did
+    return sequence
+
+
+def text_gain(heldout: dict[str, float]) -> float | None:
+    """Held-out image-token loss without the caption minus with it (nats per image id).
+
+    Near 0 means the model draws the same image whatever the prompt says: then no guidance scale
+    can make text-to-image follow the prompt. None when the held-out set had no t2i samples.
+    """
+    if "t2i" not in heldout or UNCONDITIONAL_T2I not in heldout:
+        return None
+    return heldout[UNCONDITIONAL_T2I] - heldout["t2i"]
