@@ -37,7 +37,7 @@ from unified_mm.data.mixture import MixedTaskStream, MixtureConfig, SourceConfig
 from unified_mm.quick_eval import heldout_losses  # noqa: E402
 from unified_mm.loss import modality_token_losses, weighted_mean_loss  # noqa: E402
 from unified_mm.model import UnifiedModelConfig, build_model  # noqa: E402
-from unified_mm.sequence import IGNORE_INDEX, SequenceBuilder, collate  # noqa: E402
+from unified_mm.sequence import IGNORE_INDEX, TASKS, SequenceBuilder, collate  # noqa: E402
 from unified_mm.tokenizer_cli import read_manifest, read_precomputed  # noqa: E402
 from unified_mm.vocab import Vocab  # noqa: E402
 
@@ -61,6 +61,9 @@ class Variant(NamedTuple):
     cpu_bf16: bool = False  # bf16 autocast of the training forward on CPU (fp32 weights and optimizer)
     one_group: bool = False  # all of a patch's bits as ONE image id (G=1, 2^L ids): half the image ids per image
     overrides: dict = {}  # LlamaConfig fields over the preset row (UnifiedModelConfig.overrides)
+    # > 0: the image ids of understanding prompts (vqa, chat, caption) are targets too, at this
+    # weight: image modelling at no extra forward cost (their logits are computed anyway)
+    prompt_image_weight: float = 0.0
 
 
 VARIANTS = {
@@ -104,9 +107,47 @@ VARIANTS = {
                                          bit_init=True, image_weight=0.25, pos2d=True,
                                          overrides={"num_hidden_layers": 6, "hidden_size": 96,
                                                     "intermediate_size": 384}),
+    "ctximg0.25_iw0.25_pos2d_550": Variant("tiny", 550, 4e-3, MULTI_QA_MIX, chat_turns=5, max_length=224,
+                                           bit_init=True, image_weight=0.25, pos2d=True, prompt_image_weight=0.25),
+    "ctximg0.05_iw0.25_pos2d_550": Variant("tiny", 550, 4e-3, MULTI_QA_MIX, chat_turns=5, max_length=224,
+                                           bit_init=True, image_weight=0.25, pos2d=True, prompt_image_weight=0.05),
+    # does text-to-image follow captions more with more text-to-image signal? (t2i_text_gain_per_image)
+    "iw1_pos2d_550": Variant("tiny", 550, 4e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True,
+                             image_weight=1.0, pos2d=True),
+    "iw0.25_t2i8_pos2d_550": Variant("tiny", 550, 4e-3, {**MULTI_QA_MIX, "t2i": 8.0}, chat_turns=5, max_length=224,
+                                     bit_init=True, image_weight=0.25, pos2d=True),
+    "iw0.25_pos2d_lr6e-3_550": Variant("tiny", 550, 6e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True,
+                                       image_weight=0.25, pos2d=True),
+    "iw0.25_pos2d_lr8e-3_550": Variant("tiny", 550, 8e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True,
+                                       image_weight=0.25, pos2d=True),
+    "iw0.25_pos2d_lr5e-3_550": Variant("tiny", 550, 5e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True,
+                                       image_weight=0.25, pos2d=True),
     "multiqa_bits_550": Variant("tiny", 550, 2e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True),
     "multiqa_bits_750": Variant("tiny", 750, 2e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True),
 }
+
+
+class PromptImageBuilder(SequenceBuilder):
+    """Bench-only: the image ids (and ``<eoi>``) of a user turn are labelled like a generated image."""
+
+    def _user(self, text_ids, image_codes):
+        segment = super()._user(text_ids, image_codes)
+        if image_codes is None:
+            return segment
+        span = len(self._image_span(image_codes))  # <boi> ids <eoi>, right after <user>
+        labels = list(segment.labels)
+        labels[2: 1 + span] = segment.ids[2: 1 + span]  # image ids and <eoi>; <boi> stays a prompt
+        return segment._replace(labels=labels)
+
+
+def prompt_image_loss(token_losses, batch, vocab, image_weight: float, prompt_image_weight: float):
+    """Weighted token mean with understanding tasks' image targets at ``prompt_image_weight``."""
+    losses, mask = token_losses
+    targets = batch.labels[:, 1:]
+    is_image = mask & (targets >= vocab.image_start)
+    understanding = torch.tensor([TASKS[i] in ("vqa", "chat", "caption") for i in batch.task_index])[:, None]
+    weights = torch.where(is_image, torch.where(understanding, prompt_image_weight, image_weight), 1.0) * mask
+    return (losses * weights).sum() / weights.sum().clamp(min=1e-12)
 
 
 class OneGroupBuilder(SequenceBuilder):
@@ -163,8 +204,12 @@ def run_variant(name: str, args) -> dict:
     else:
         vocab = Vocab.for_tokenizers(text.vocab_size, manifest["num_bits"], manifest["group_size"], manifest["grid_size"])
         builder = SequenceBuilder(text, vocab, variant.max_length)
+    if variant.prompt_image_weight > 0:  # training sequences only: evaluation keeps the plain builder
+        train_builder = PromptImageBuilder(text, vocab, variant.max_length)
+    else:
+        train_builder = builder
     tok_hash = tokenizer_hash(args.tokenizer)
-    stream = MixedTaskStream([SourceConfig(codes=args.codes)], MixtureConfig(start=mix, chat_turns=variant.chat_turns), builder,
+    stream = MixedTaskStream([SourceConfig(codes=args.codes)], MixtureConfig(start=mix, chat_turns=variant.chat_turns), train_builder,
                              tokenizer_hash=tok_hash, total_steps=steps, seed=0, rank=0, shuffle_buffer=2000)
     torch.manual_seed(0)
     model_cfg = UnifiedModelConfig(preset=preset, image_embedding_init="bits" if variant.bit_init else "default",
@@ -180,7 +225,10 @@ def run_variant(name: str, args) -> dict:
         with autocast:
             logits = model(input_ids=batch.ids.to(device), attention_mask=batch.attention_mask.to(device)).logits
         token_losses = modality_token_losses(logits, batch.labels.to(device), vocab)
-        loss = weighted_mean_loss(token_losses, batch.labels, vocab, variant.image_weight)
+        if variant.prompt_image_weight > 0:
+            loss = prompt_image_loss(token_losses, batch, vocab, variant.image_weight, variant.prompt_image_weight)
+        else:
+            loss = weighted_mean_loss(token_losses, batch.labels, vocab, variant.image_weight)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -199,12 +247,12 @@ def run_variant(name: str, args) -> dict:
                           builder, tokenizer_hash=tok_hash, per_task=64)
     losses = heldout_losses(model, vocab, held, pad_id=text.pad_id)
     final.update({f"heldout_{task}": round(value, 4) for task, value in losses.items()})
-    gain = text_gain(losses)
-    final["t2i_text_gain_per_image"] = None if gain is None else round(gain * vocab.tokens_per_image, 3)
+    gain = text_gain(losses, held)
+    final["t2i_text_gain_per_image"] = None if gain is None else round(gain, 3)
     return {"variant": name, "preset": preset, "steps": steps, "lr": lr, "mixture": mix, "batch": batch_size,
             "chat_turns": variant.chat_turns, "bit_init": variant.bit_init, "image_weight": variant.image_weight,
             "pos2d": variant.pos2d, "cpu_bf16": variant.cpu_bf16, "one_group": variant.one_group,
-            "overrides": variant.overrides,
+            "overrides": variant.overrides, "prompt_image_weight": variant.prompt_image_weight,
             "seconds": round(time.perf_counter() - start, 1), **final, "curve": curve}
 
 

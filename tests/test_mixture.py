@@ -97,8 +97,9 @@ def test_unconditional_t2i_is_the_same_image_after_an_empty_caption(env):
         scored = [label for label in conditional.labels if label != IGNORE_INDEX]
         assert scored == [label for label in unconditional.labels if label != IGNORE_INDEX]
         assert len(scored) == vocab.tokens_per_image + 3
-    assert text_gain({"t2i": 0.5, UNCONDITIONAL_T2I: 0.75}) == 0.25
-    assert text_gain({"vqa": 0.5}) is None
+    # per sequence: the mean difference times the scored ids of one image
+    assert text_gain({"t2i": 0.5, UNCONDITIONAL_T2I: 0.75}, held_out) == 0.25 * (vocab.tokens_per_image + 3)
+    assert text_gain({"vqa": 0.5}, held_out) is None
 
 
 def test_sample_tasks_and_unservable_task():

@@ -141,7 +141,7 @@ def test_two_process_zero_run_trains_and_exports(env, tmp_path, zero, launcher, 
     again = heldout_losses(loaded.model, loaded.vocab, held, pad_id=loaded.text_tokenizer.pad_id)
     for task, value in again.items():
         assert value == pytest.approx(metrics["final_eval"][f"eval/{task}"], rel=1e-4)
-    gain = (again["t2i_uncond"] - again["t2i"]) * loaded.vocab.tokens_per_image  # nats per image
+    gain = (again["t2i_uncond"] - again["t2i"]) * (loaded.vocab.tokens_per_image + 3)  # <boi> ids <eoi> <eos>
     assert gain == pytest.approx(metrics["final_eval"]["eval/t2i_text_gain"], rel=1e-3, abs=1e-5)
     logs = losses(out)
     assert sorted(logs) == [1, 2, 3, 4] and all(torch.isfinite(torch.tensor(r["loss"])) for r in logs.values())

@@ -211,7 +211,8 @@ def reduce_terms(terms: dict) -> dict:
     return out
 
 
-# Logged with the held-out losses: unconditional minus conditional t2i loss, summed over an image.
+# Logged with the held-out losses: unconditional minus conditional t2i loss, summed over an
+# image's scored ids (mixture.text_gain).
 TEXT_GAIN_KEY = "eval/t2i_text_gain"
 
 
@@ -220,9 +221,9 @@ def run_eval(engine, setup: Setup, heldout: dict) -> dict:
     losses = heldout_losses(engine, setup.vocab, heldout, pad_id=setup.text_tokenizer.pad_id)
     engine.train()
     out = {f"eval/{task}": value for task, value in losses.items()}
-    gain = text_gain(losses)
+    gain = text_gain(losses, heldout)
     if gain is not None:  # nats per image: what the caption tells the model about the whole image
-        out[TEXT_GAIN_KEY] = gain * setup.vocab.tokens_per_image
+        out[TEXT_GAIN_KEY] = gain
     return out
 
 

@@ -32,7 +32,7 @@ import torch
 from mmcore.config import ConfigError
 from mmcore.errors import UserError
 from unified_mm.data.shards import SkipLog
-from unified_mm.sequence import TASKS, Batch, Sequence, SequenceBuilder, Turn, collate
+from unified_mm.sequence import IGNORE_INDEX, TASKS, Batch, Sequence, SequenceBuilder, Turn, collate
 from unified_mm.tokenizer_cli import read_precomputed
 
 CAPTION_PROMPTS = ("Describe the image.", "What is in this picture?", "Write a caption for this image.")
@@ -269,12 +269,16 @@ def unconditional(t2i: Sequence, builder: SequenceBuilder) -> Sequence:
     return sequence
 
 
-def text_gain(heldout: dict[str, float]) -> float | None:
-    """Held-out image-token loss without the caption minus with it (nats per image id).
+def text_gain(losses: dict[str, float], held_out: dict[str, list[Sequence]]) -> float | None:
+    """Held-out loss of a t2i sequence without its caption minus with it, in nats per sequence
+    (summed over its scored ids: ``<boi>``, the image ids, ``<eoi>``, ``<eos>``).
 
-    Near 0 means the model draws the same image whatever the prompt says: then no guidance scale
-    can make text-to-image follow the prompt. None when the held-out set had no t2i samples.
+    ``losses``: :func:`unified_mm.quick_eval.heldout_losses` of ``held_out``
+    (:func:`eval_sequences`). Near 0 means the model draws the same image whatever the prompt
+    says: then no guidance scale can make text-to-image follow the prompt. None when the
+    held-out set had no t2i samples.
     """
-    if "t2i" not in heldout or UNCONDITIONAL_T2I not in heldout:
+    if "t2i" not in losses or UNCONDITIONAL_T2I not in losses or not held_out.get("t2i"):
         return None
-    return heldout[UNCONDITIONAL_T2I] - heldout["t2i"]
+    scored = sum(label != IGNORE_INDEX for label in held_out["t2i"][0].labels)  # the same for every image
+    return (losses[UNCONDITIONAL_T2I] - losses["t2i"]) * scored
