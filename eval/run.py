@@ -78,7 +78,8 @@ TASKS: dict[str, Task] = {
                     answers=True),
     "t2i": Task(tasks.text_to_image, ("model", "t2i_source"),
                 "text-to-image at each --cfg-scales value, judged by the pixel analyser (GenEval style: "
-                "per-attribute and whole-prompt accuracy), beside the judge on tokenizer reconstructions"),
+                "per-attribute and whole-prompt accuracy), beside the judge on tokenizer reconstructions "
+                "and (ShapesWorld) the caption's gain: how much the prompt lowers its true image's loss"),
 }
 
 PATHS = (("model", "unified model export", "dir"), ("tokenizer", "tokenizer export", "dir"),

@@ -25,6 +25,7 @@ from mmcore.io import atomic_output_path, atomic_write_text
 from tokenizer.images import decode_to_pixels, encode_images, image_to_pixels, pixels_to_uint8
 from unified_mm.data.analyser import analyse, scene_matches
 from unified_mm.generate import greedy_text
+from unified_mm.quick_eval import caption_gain
 from unified_mm.sampling import SamplerSettings, sample_images
 from unified_mm.sequence import Turn
 from unified_mm.tokenizer_eval import DEFAULT_TEMPLATES, evaluate_tokenizer
@@ -277,6 +278,10 @@ def _verdict_text(judgement) -> str:
     return f"✗ saw {', '.join(found[:3]) or 'nothing'}{more}"
 
 
+# t2i score key (ShapesWorld prompts only: it needs the true images' codes)
+CAPTION_GAIN = "caption_gain"
+
+
 def text_to_image(ctx: Context) -> dict:
     args, world = ctx.args, ctx.world
     loaded, qlip = ctx.unified, ctx.qlip
@@ -309,9 +314,15 @@ def text_to_image(ctx: Context) -> dict:
         scores["ceiling_reconstruction"], ceiling = evaluate_images([r for r in recon for _ in kinds], prompts, world)
         scores["judge_on_ground_truth"] = reference_accuracy([s.meta for s in samples], world, kinds)
         table.append(["ceiling: judge on tokenizer reconstructions", scores["ceiling_reconstruction"]["whole"], "%"])
+        # does the model condition on the prompt at all? (teacher forced on the true images' codes)
+        gain = caption_gain(loaded.model, ctx.builder, [(p.prompt, samples[i // len(kinds)].codes)
+                                                       for i, p in enumerate(prompts)],
+                            pad_id=loaded.text_tokenizer.pad_id, batch_size=args.batch_size)
+        scores[CAPTION_GAIN] = {"nats_per_image": gain, "prompts": len(prompts)}
+        table.append(["caption's gain: image loss without minus with the prompt (nats/image)", gain, "nats"])
     attributes = ("whole", "colour", "shape", "count", "position", "size")
     rows = [[name] + [f"{100 * s[a]:.1f}%" if a in s else "n/a" for a in attributes]
-            for name, s in scores.items()]
+            for name, s in scores.items() if name != CAPTION_GAIN]
     tables = [{"title": "per-attribute accuracy (GenEval style)", "header": ["judged images", *attributes],
                "rows": rows}]
     shown = list(range(min(len(prompts), args.report_rows)))

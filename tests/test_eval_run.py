@@ -1,6 +1,7 @@
 """The evaluation runner end to end on a tiny random-weight model: every task, results.json and the
 report, resume after an interruption, bad input, and the real-format readers through the CLI."""
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -88,9 +89,11 @@ def test_every_task_scored_with_hashes_and_report(env, full_run):
     t2i = scores["t2i"]
     assert {"cfg_1", "cfg_3", "ceiling_reconstruction", "judge_on_ground_truth"} <= set(t2i)
     assert t2i["cfg_3"]["num_prompts"] == 6 and t2i["judge_on_ground_truth"]["whole"] == 1.0
+    assert t2i["caption_gain"]["prompts"] == 6 and math.isfinite(t2i["caption_gain"]["nats_per_image"])
     assert len((full_run / "answers/vqa.jsonl").read_text().splitlines()) == 15
     report = (full_run / "report.md").read_text()
     assert "| vqa | soft accuracy (VQAv2) |" in report
+    assert "| t2i | caption's gain: image loss without minus with the prompt (nats/image) |" in report
     for figure in ("figures/reconstruction.png", "figures/t2i.png"):
         assert f"]({figure})" in report and Image.open(full_run / figure).size[0] > 0
 
@@ -176,6 +179,7 @@ def test_real_formats_through_the_cli(env, tmp_path):
     assert scores["vqa"]["scored"] == 3 and set(scores["vqa"]["per_answer_type"]) == {"yes/no", "number", "other"}
     assert scores["caption"]["images"] == 2 and scores["caption"]["references"] == 4
     assert scores["t2i"]["cfg_2"]["num_prompts"] == 1 and "ceiling_reconstruction" not in scores["t2i"]
+    assert "caption_gain" not in scores["t2i"]  # no true images to score the prompts against
     llava = [{"id": "s1", "image": f"COCO_val2014_{1:012d}.jpg",
               "conversations": [{"from": "human", "value": "<image>\nIs there a circle?"},
                                 {"from": "gpt", "value": "Yes"}]}]

@@ -132,3 +132,32 @@ def test_llava_style_conversation_becomes_chat(env):
     labelled = [i for i, label in zip(seq.ids, seq.labels) if label != IGNORE_INDEX]
     assert tok.decode(labelled, skip_special=False) == "a red circle<eos>1<eos>"
     assert seq.ids.count(tok.boi_id) == 1
+
+
+def test_caption_gain_equals_per_image_loss_differences(env):
+    """quick_eval.caption_gain (batched, padded) against one unbatched forward per sequence."""
+    import torch
+
+    from unified_mm.loss import modality_token_losses
+    from unified_mm.model import UnifiedModelConfig, build_model
+    from unified_mm.quick_eval import caption_gain
+    from unified_mm.sequence import collate
+    from unified_mm.tokenizer_cli import read_precomputed
+    paths, tok, vocab, hash_ = env
+    builder = SequenceBuilder(tok, vocab, 192)
+    torch.manual_seed(0)
+    model = build_model(UnifiedModelConfig(overrides={"num_hidden_layers": 1}), vocab).eval()
+    samples = [(meta["captions"][i % 2], codes) for i, (_, codes, meta)
+               in zip(range(3), read_precomputed(paths["codes"], "val", hash_, split_by_rank=False))]
+
+    def sequence_loss(caption, codes):
+        batch = collate([builder.generation(caption, codes)], tok.pad_id)
+        with torch.no_grad():
+            logits = model(input_ids=batch.ids, attention_mask=batch.attention_mask).logits
+        return float(modality_token_losses(logits, batch.labels, vocab).losses.sum())
+
+    direct = sum(sequence_loss("", codes) - sequence_loss(caption, codes) for caption, codes in samples) / 3
+    gain = caption_gain(model, builder, samples, pad_id=tok.pad_id, batch_size=2)
+    assert gain == pytest.approx(direct, rel=1e-4, abs=1e-4) and abs(gain) > 1e-3
+    assert caption_gain(model, builder, [("", codes) for _, codes in samples], pad_id=tok.pad_id) == 0.0
+    assert caption_gain(model, builder, [], pad_id=tok.pad_id) is None

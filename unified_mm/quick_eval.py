@@ -4,6 +4,8 @@
   eval hook; its values at step 0 and at the end show how much each task learned).
 * :func:`greedy_vqa_accuracy`: greedy answers to held-out ShapesWorld questions, exact match
   after lower-casing and stripping (the full VQA metrics live in ``eval/``).
+* :func:`caption_gain`: how much given captions lower the loss of their true images'
+  ids (teacher forced), in nats per image (``eval/`` reports it beside text-to-image).
 """
 from __future__ import annotations
 
@@ -14,9 +16,10 @@ from pathlib import Path
 import torch
 from transformers import LlamaForCausalLM
 
+from unified_mm.data.mixture import UNCONDITIONAL_T2I, text_gain, unconditional
 from unified_mm.generate import greedy_text
 from unified_mm.loss import modality_token_losses
-from unified_mm.sequence import Sequence, SequenceBuilder, Turn, collate
+from unified_mm.sequence import ImageCodes, Sequence, SequenceBuilder, Turn, collate
 from unified_mm.tokenizer_cli import read_precomputed
 from unified_mm.vocab import Vocab
 
@@ -37,6 +40,22 @@ def heldout_losses(model: torch.nn.Module, vocab: Vocab, sequences: dict[str, li
             count += int(token_losses.mask.sum())
         out[task] = total / count if count else math.nan
     return out
+
+
+@torch.no_grad()
+def caption_gain(model: torch.nn.Module, builder: SequenceBuilder, captioned: list[tuple[str, ImageCodes]], *,
+                 pad_id: int, batch_size: int = 32) -> float | None:
+    """Loss of each image's ids after an empty caption minus after its caption, summed over the
+    ids a text-to-image sequence scores and averaged over the images (nats per image); None for
+    no images. ``captioned``: (caption, codes (N, G)) pairs. See :func:`text_gain`."""
+    if not captioned:
+        return None
+    held = {"t2i": [builder.generation(caption, codes) for caption, codes in captioned]}
+    if any(seq is None for seq in held["t2i"]):
+        raise ValueError(f"max_length {builder.max_length} cannot hold an image sequence")
+    held[UNCONDITIONAL_T2I] = [unconditional(seq, builder) for seq in held["t2i"]]
+    losses = heldout_losses(model, builder.vocab, held, pad_id=pad_id, batch_size=batch_size)
+    return text_gain(losses, held)
 
 
 def normalise_answer(text: str) -> str:
