@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from mmcore.text_tokenizer import TextTokenizer  # noqa: E402
+from tokenizer.bsq import bits_to_group_indices, group_indices_to_bits  # noqa: E402
 from tokenizer.export import tokenizer_hash  # noqa: E402
 from train.optim import WarmupCosine  # noqa: E402
 from unified_mm.data.mixture import MixedTaskStream, MixtureConfig, SourceConfig, eval_sequences, text_gain  # noqa: E402
@@ -158,9 +159,8 @@ class OneGroupBuilder(SequenceBuilder):
         self.stored_group_size = stored_group_size
 
     def image_ids(self, image_codes) -> list[int]:
-        codes = torch.as_tensor(image_codes).long()  # (N, G_stored)
-        weights = torch.tensor([1 << (self.stored_group_size * k) for k in reversed(range(codes.shape[-1]))])
-        return super().image_ids((codes * weights).sum(-1, keepdim=True))  # (N, 1)
+        bits = group_indices_to_bits(torch.as_tensor(image_codes).long(), self.stored_group_size)  # (N, L)
+        return super().image_ids(bits_to_group_indices(bits, self.vocab.group_size))  # (N, 1)
 
 
 def vqa_accuracy(model, builder: SequenceBuilder, codes: str, tok_hash: str, device, n: int = 500) -> dict:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaForCausalLM
 
-from unified_mm.data.mixture import UNCONDITIONAL_T2I, text_gain, unconditional
+from unified_mm.data.mixture import UNCONDITIONAL_T2I, text_gain
 from unified_mm.generate import greedy_text
 from unified_mm.loss import modality_token_losses
 from unified_mm.sequence import ImageCodes, Sequence, SequenceBuilder, Turn, collate
@@ -50,10 +50,10 @@ def caption_gain(model: torch.nn.Module, builder: SequenceBuilder, captioned: li
     no images. ``captioned``: (caption, codes (N, G)) pairs. See :func:`text_gain`."""
     if not captioned:
         return None
-    held = {"t2i": [builder.generation(caption, codes) for caption, codes in captioned]}
-    if any(seq is None for seq in held["t2i"]):
+    held = {"t2i": [builder.generation(caption, codes) for caption, codes in captioned],
+            UNCONDITIONAL_T2I: [builder.generation("", codes, drop_caption=True) for _, codes in captioned]}
+    if any(seq is None for seq in held["t2i"] + held[UNCONDITIONAL_T2I]):
         raise ValueError(f"max_length {builder.max_length} cannot hold an image sequence")
-    held[UNCONDITIONAL_T2I] = [unconditional(seq, builder) for seq in held["t2i"]]
     losses = heldout_losses(model, builder.vocab, held, pad_id=pad_id, batch_size=batch_size)
     return text_gain(losses, held)
 

@@ -27,8 +27,6 @@ from itertools import islice
 from pathlib import Path
 from typing import Iterator, Optional
 
-import torch
-
 from mmcore.config import ConfigError
 from mmcore.errors import UserError
 from unified_mm.data.shards import SkipLog
@@ -244,6 +242,7 @@ def eval_sequences(source: SourceConfig, cfg: MixtureConfig, builder: SequenceBu
     """
     fixed = dataclasses.replace(cfg, caption_dropout=0.0)
     out: dict[str, list[Sequence]] = {task: [] for task in TASKS if task in source.tasks}
+    uncaptioned: list[Sequence] = []  # the t2i images after an empty caption, in step with out["t2i"]
     samples = read_precomputed(Path(source.codes), source.split, tokenizer_hash, split_by_rank=False)
     for index, (_, codes, meta) in enumerate(samples):
         for task in sample_tasks(meta) & set(out):
@@ -252,21 +251,14 @@ def eval_sequences(source: SourceConfig, cfg: MixtureConfig, builder: SequenceBu
                 sequence = build_sequence(task, codes, meta, rng, fixed, builder)
                 if sequence is not None:
                     out[task].append(sequence)
+                    if task == "t2i":  # an empty caption fits wherever the captioned one did
+                        uncaptioned.append(builder.generation("", codes, drop_caption=True))
         if all(len(seqs) >= per_task for seqs in out.values()):
             break
     held_out = {task: seqs for task, seqs in out.items() if seqs}
-    if "t2i" in held_out:
-        held_out[UNCONDITIONAL_T2I] = [unconditional(seq, builder) for seq in held_out["t2i"]]
+    if uncaptioned:
+        held_out[UNCONDITIONAL_T2I] = uncaptioned
     return held_out
-
-
-def unconditional(t2i: Sequence, builder: SequenceBuilder) -> Sequence:
-    """The same image after an empty caption (what caption dropout trains, CFG's second branch)."""
-    image_ids = t2i.ids[t2i.ids.index(builder.tok.boi_id) + 1: t2i.ids.index(builder.tok.eoi_id)]
-    codes = builder.vocab.ids_to_codes(torch.tensor(image_ids))  # (N, G)
-    sequence = builder.generation("", codes, drop_caption=True)
-    assert sequence is not None  # an empty caption fits wherever the captioned one did
-    return sequence
 
 
 def text_gain(losses: dict[str, float], held_out: dict[str, list[Sequence]]) -> float | None:
