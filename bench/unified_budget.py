@@ -31,12 +31,11 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from mmcore.text_tokenizer import TextTokenizer  # noqa: E402
-from tokenizer.bsq import bits_to_group_indices, group_indices_to_bits  # noqa: E402
 from tokenizer.export import tokenizer_hash  # noqa: E402
 from train.optim import WarmupCosine  # noqa: E402
 from unified_mm.data.mixture import MixedTaskStream, MixtureConfig, SourceConfig, eval_sequences, text_gain  # noqa: E402
 from unified_mm.quick_eval import heldout_losses  # noqa: E402
-from unified_mm.loss import modality_token_losses, weighted_mean_loss  # noqa: E402
+from unified_mm.loss import modality_token_losses, modality_token_losses_from_hidden, weighted_mean_loss  # noqa: E402
 from unified_mm.model import UnifiedModelConfig, build_model  # noqa: E402
 from unified_mm.sequence import IGNORE_INDEX, TASKS, SequenceBuilder, collate  # noqa: E402
 from unified_mm.tokenizer_cli import read_manifest, read_precomputed  # noqa: E402
@@ -65,6 +64,12 @@ class Variant(NamedTuple):
     # > 0: the image ids of understanding prompts (vqa, chat, caption) are targets too, at this
     # weight: image modelling at no extra forward cost (their logits are computed anyway)
     prompt_image_weight: float = 0.0
+    # > 0: ShapesWorld samples carry this many rounds of the generator's QA builders (one question
+    # of each type per round, duplicates dropped), redrawn from the scene in the sample's metadata
+    # with a per-image seed, as if the data had been generated with that many rounds
+    qa_rounds: int = 0
+    # logits only at labelled positions (unified_mm.loss.modality_token_losses_from_hidden)
+    hidden_loss: bool = False
 
 
 VARIANTS = {
@@ -123,6 +128,16 @@ VARIANTS = {
                                        image_weight=0.25, pos2d=True),
     "iw0.25_pos2d_lr5e-3_550": Variant("tiny", 550, 5e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True,
                                        image_weight=0.25, pos2d=True),
+    # more questions per image: 3 rounds of the QA builders, 10-question conversations
+    "qa3_chat10_iw0.25_pos2d_550": Variant("tiny", 550, 4e-3, MULTI_QA_MIX, chat_turns=10, max_length=320,
+                                           bit_init=True, image_weight=0.25, pos2d=True, qa_rounds=3),
+    "qa3_chat5_iw0.25_pos2d_550": Variant("tiny", 550, 4e-3, MULTI_QA_MIX, chat_turns=5, max_length=224,
+                                          bit_init=True, image_weight=0.25, pos2d=True, qa_rounds=3),
+    # logits at labelled positions only, with two image ids per patch (the demo) or one (G=1)
+    "hl_iw0.25_pos2d_900": Variant("tiny", 900, 4e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True,
+                                   image_weight=0.25, pos2d=True, hidden_loss=True),
+    "hl_g1_iw0.5_pos2d_900": Variant("tiny", 900, 4e-3, MULTI_QA_MIX, chat_turns=5, max_length=160, bit_init=True,
+                                     image_weight=0.5, pos2d=True, one_group=True, hidden_loss=True),
     "multiqa_bits_550": Variant("tiny", 550, 2e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True),
     "multiqa_bits_750": Variant("tiny", 750, 2e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True),
 }
@@ -151,16 +166,22 @@ def prompt_image_loss(token_losses, batch, vocab, image_weight: float, prompt_im
     return (losses * weights).sum() / weights.sum().clamp(min=1e-12)
 
 
-class OneGroupBuilder(SequenceBuilder):
-    """Bench-only: a patch's G stored group indices (MSB-first groups) become one index of all L bits."""
+def use_qa_rounds(rounds: int) -> None:
+    """Replace the stream's QA reader with ``rounds`` rounds of ShapesWorld questions per image."""
+    from unified_mm.data import mixture
+    from unified_mm.data.shapesworld import ShapesWorldConfig, describe, scene_from_meta
 
-    def __init__(self, *args, stored_group_size: int, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.stored_group_size = stored_group_size
+    config = ShapesWorldConfig()
 
-    def image_ids(self, image_codes) -> list[int]:
-        bits = group_indices_to_bits(torch.as_tensor(image_codes).long(), self.stored_group_size)  # (N, L)
-        return super().image_ids(bits_to_group_indices(bits, self.vocab.group_size))  # (N, 1)
+    def qa_pairs(meta: dict) -> list[tuple[str, str]]:
+        rng = random.Random(f"qa-rounds/{meta['key']}")
+        scene, pairs = scene_from_meta(meta), {}
+        for _ in range(rounds):
+            for item in describe(scene, rng, config)[1]:
+                pairs.setdefault(item["question"], item["answer"])
+        return list(pairs.items())
+
+    mixture._qa_pairs = qa_pairs
 
 
 def vqa_accuracy(model, builder: SequenceBuilder, codes: str, tok_hash: str, device, n: int = 500) -> dict:
@@ -196,14 +217,14 @@ def run_variant(name: str, args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if variant.qa_rounds:
+        use_qa_rounds(variant.qa_rounds)
     text = TextTokenizer(Path(args.tokenizer) / "text_tokenizer.model")
     manifest = read_manifest(args.codes)
-    if variant.one_group:
-        vocab = Vocab.for_tokenizers(text.vocab_size, manifest["num_bits"], manifest["num_bits"], manifest["grid_size"])
-        builder = OneGroupBuilder(text, vocab, variant.max_length, stored_group_size=manifest["group_size"])
-    else:
-        vocab = Vocab.for_tokenizers(text.vocab_size, manifest["num_bits"], manifest["group_size"], manifest["grid_size"])
-        builder = SequenceBuilder(text, vocab, variant.max_length)
+    # one_group: all of a patch's bits as one image id (the vocabulary regroups the stored codes)
+    vocab = Vocab.for_tokenizers(text.vocab_size, manifest["num_bits"], manifest["group_size"], manifest["grid_size"],
+                                 image_group_size=manifest["num_bits"] if variant.one_group else 0)
+    builder = SequenceBuilder(text, vocab, variant.max_length)
     if variant.prompt_image_weight > 0:  # training sequences only: evaluation keeps the plain builder
         train_builder = PromptImageBuilder(text, vocab, variant.max_length)
     else:
@@ -223,8 +244,14 @@ def run_variant(name: str, args) -> dict:
     for step in range(1, steps + 1):
         batch = stream.next_batch(batch_size, step, text.pad_id)
         with autocast:
-            logits = model(input_ids=batch.ids.to(device), attention_mask=batch.attention_mask.to(device)).logits
-        token_losses = modality_token_losses(logits, batch.labels.to(device), vocab)
+            if variant.hidden_loss:
+                hidden = model.model(input_ids=batch.ids.to(device),
+                                     attention_mask=batch.attention_mask.to(device)).last_hidden_state
+                token_losses = modality_token_losses_from_hidden(hidden, model.lm_head, batch.labels.to(device), vocab)
+            else:
+                logits = model(input_ids=batch.ids.to(device), attention_mask=batch.attention_mask.to(device)).logits
+        if not variant.hidden_loss:
+            token_losses = modality_token_losses(logits, batch.labels.to(device), vocab)
         if variant.prompt_image_weight > 0:
             loss = prompt_image_loss(token_losses, batch, vocab, variant.image_weight, variant.prompt_image_weight)
         else:
@@ -253,6 +280,7 @@ def run_variant(name: str, args) -> dict:
             "chat_turns": variant.chat_turns, "bit_init": variant.bit_init, "image_weight": variant.image_weight,
             "pos2d": variant.pos2d, "cpu_bf16": variant.cpu_bf16, "one_group": variant.one_group,
             "overrides": variant.overrides, "prompt_image_weight": variant.prompt_image_weight,
+            "qa_rounds": variant.qa_rounds, "hidden_loss": variant.hidden_loss,
             "seconds": round(time.perf_counter() - start, 1), **final, "curve": curve}
 
 

@@ -23,14 +23,16 @@ CORPUS = ["a red circle", "a blue square in the top left", "what colour is the c
           "how many shapes are there?", "two", "draw a green triangle", "yes", "no"] * 20
 
 
-def make_export(root: Path, sampler_defaults: dict | None = None, image_positions: bool = False) -> Path:
+def make_export(root: Path, sampler_defaults: dict | None = None, image_positions: bool = False,
+                image_group_size: int = 0) -> Path:
     """Build and export the tiny model under ``root``; returns the export directory.
-    ``image_positions``: with row/column/group embeddings at image ids (image_positions.py)."""
+    ``image_positions``: with row/column/group embeddings at image ids (image_positions.py);
+    ``image_group_size`` 12: one image id of all 12 bits per patch (the vocabulary regroups)."""
     torch.manual_seed(0)
     text_path = train_sentencepiece(CORPUS, root / "text.model", vocab_size=300)
     text = TextTokenizer(text_path)
     qlip = save_tokenizer(QLIP(preset_config("tiny", QLIP_SMALL)), root / "qlip", text_tokenizer_path=text_path)
-    vocab = Vocab.for_tokenizers(text.vocab_size, 12, 6, 4)
+    vocab = Vocab.for_tokenizers(text.vocab_size, 12, 6, 4, image_group_size=image_group_size)
     model = build_model(UnifiedModelConfig(overrides=LLAMA_SMALL, image_positions=image_positions), vocab,
                         text_pieces=text.n_text).eval()
     return save_unified(model, vocab, root / "export", text_tokenizer_path=text_path, tokenizer_dir=qlip,

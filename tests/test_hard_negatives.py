@@ -81,3 +81,35 @@ def test_batches_carry_k_negatives_per_image(tmp_path):
     assert plain.negative_ids is None and plain.keys == batch.keys and plain.labels == batch.labels
     with pytest.raises(ConfigError, match="hard_negatives"):
         TokenizerDataConfig(hard_negatives=-1).validate()
+
+
+def test_attribute_weights_choose_what_changes(world, metas):
+    choices = {"colour": list(world.colours), "shape": list(world.shapes)}
+
+    def shape_share(weights, n=600):
+        rng, changed = random.Random(1), []
+        for i in range(n):
+            meta = metas[i % len(metas)]
+            negative = hard_negative(meta, 0, rng, choices, weights)
+            changed += [a for _, a in changed_attributes(meta["objects"], negative.objects)]
+        return changed.count("shape") / len(changed)
+
+    # by default every alternative value is equally likely: 3 shapes of 8 alternatives
+    assert abs(shape_share(None) - len(world.shapes[1:]) / (len(world.colours) + len(world.shapes) - 2)) < 0.06
+    assert abs(shape_share({"colour": 1.0, "shape": 3.0}) - 0.75) < 0.06
+    assert shape_share({"colour": 0.0, "shape": 1.0}) == 1.0
+    assert shape_share({"colour": 1.0}) == 0.0  # a missing attribute weighs 0
+    # only zero-weight attributes have an alternative: no negative
+    single = next(m for m in metas if len(m["objects"]) == 1)
+    no_shape = {"colour": list(world.colours), "shape": [single["objects"][0]["shape"]]}
+    assert hard_negative(single, 0, random.Random(0), no_shape, {"shape": 1.0}) is None
+
+
+@pytest.mark.parametrize("weights, message", [
+    ({"size": 1.0}, "unknown attributes"),
+    ({"colour": -1.0, "shape": 2.0}, "non-negative"),
+    ({"colour": 0.0}, "positive sum"),
+])
+def test_attribute_weights_are_validated(weights, message):
+    with pytest.raises(ConfigError, match=message):
+        TokenizerDataConfig(hard_negative_weights=weights).validate()

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from unified_mm.loss import (TokenLosses, constrain_logits, modality_loss, modality_token_losses,
-                             per_task_losses, weighted_mean_loss)
+                             modality_token_losses_from_hidden, per_task_losses, weighted_mean_loss)
 from unified_mm.sequence import IGNORE_INDEX
 from unified_mm.vocab import TEXT, Vocab
 
@@ -56,6 +56,38 @@ def test_equals_brute_force():
     # Not the plain full-vocabulary cross-entropy (the separation does something).
     full = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
     assert not torch.allclose(mean, full, atol=1e-3)
+
+
+def test_from_hidden_equals_full_logits_in_value_and_gradient():
+    """Logits at labelled positions only: the same losses, and the same gradients for the
+    hidden states (zero where nothing is labelled) and the output layer."""
+    _, labels = make_batch(seed=3)
+    gen = torch.Generator().manual_seed(1)
+    head = torch.nn.Linear(8, VOCAB.size, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(VOCAB.size, 8, generator=gen))
+    hidden = torch.randn(*labels.shape, 8, generator=gen)
+    results = []
+    for full in (True, False):
+        h = hidden.clone().requires_grad_(True)
+        head.zero_grad()
+        if full:
+            token_losses = modality_token_losses(head(h), labels, VOCAB)
+        else:
+            token_losses = modality_token_losses_from_hidden(h, head, labels, VOCAB)
+        (token_losses.losses * torch.arange(1.0, labels.shape[1])).sum().backward()
+        results.append((token_losses, h.grad.clone(), head.weight.grad.clone()))
+    (full_losses, full_dh, full_dw), (sel_losses, sel_dh, sel_dw) = results
+    assert torch.equal(sel_losses.mask, full_losses.mask)
+    torch.testing.assert_close(sel_losses.losses, full_losses.losses)
+    torch.testing.assert_close(sel_dh, full_dh)
+    torch.testing.assert_close(sel_dw, full_dw)
+    # the last position predicts nothing, nor do positions followed by an ignored label
+    assert (sel_dh[:, -1] == 0).all() and (sel_dh[:, :-1][~sel_losses.mask] == 0).all()
+    with pytest.raises(ValueError, match="disagree"):
+        modality_token_losses_from_hidden(hidden[:, :-1], head, labels, VOCAB)
+    with pytest.raises(ValueError, match="vocabulary"):
+        modality_token_losses_from_hidden(hidden, torch.nn.Linear(8, VOCAB.size - 1), labels, VOCAB)
 
 
 def test_bf16_logits_upcast():

@@ -18,12 +18,16 @@ from unified_mm.sequence import SequenceBuilder
 PROMPTS = ["a red circle", "draw a green triangle in the top left", "red", "a blue square"]
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["plain", "image_positions"])
+@pytest.fixture(scope="module", params=[(False, 0), (True, 0), (True, 12)],
+                ids=["plain", "image_positions", "one_id_per_patch"])
 def env(request, tmp_path_factory):
     """A model without, and one with, image position embeddings: the second must see the same
-    place for an image id whether it comes from a full forward or from the KV-cached decoder."""
+    place for an image id whether it comes from a full forward or from the KV-cached decoder.
+    The third writes one id of 4,096 per patch, which the vocabulary regroups into the
+    tokenizer's two 6-bit codes."""
     root = tmp_path_factory.mktemp("sampling")
-    export = make_export(root, image_positions=request.param)
+    image_positions, image_group_size = request.param
+    export = make_export(root, image_positions=image_positions, image_group_size=image_group_size)
     loaded = load_unified(export)
     builder = SequenceBuilder(loaded.text_tokenizer, loaded.vocab, loaded.model.config.max_position_embeddings)
     return {"root": root, "export": export, "loaded": loaded, "builder": builder}
@@ -190,7 +194,8 @@ def test_image_spans_never_contain_text_ids(env):
         groups = vocab.group_of(span)
         assert groups.tolist() == [vocab.span_group(t) for t in range(vocab.tokens_per_image)]
         assert torch.equal(vocab.ids_to_codes(span), sample.image_codes)
-        assert sample.image_codes.shape == (vocab.num_patches, vocab.num_groups)
+        # the tokenizer's codes (two 6-bit groups per patch), whatever grouping the decoder writes
+        assert sample.image_codes.shape == (vocab.num_patches, 2)
 
 
 def test_same_seed_gives_the_same_image_alone_or_in_a_batch_of_8(env):

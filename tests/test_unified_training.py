@@ -112,17 +112,19 @@ def test_budgeted_run_resumes_with_its_plan_and_spent_seconds(env, tmp_path):
     assert trained[-1]["lr"] == pytest.approx(4e-4)  # annealed on the planned step
 
 
-@pytest.mark.parametrize("zero, launcher, places, autocast", [(2, "torchrun", False, "bf16"),
-                                                              (3, "deepspeed", True, "none")])
-def test_two_process_zero_run_trains_and_exports(env, tmp_path, zero, launcher, places, autocast):
+@pytest.mark.parametrize("zero, launcher, places, autocast, group_bits", [(2, "torchrun", False, "bf16", 0),
+                                                                          (3, "deepspeed", True, "none", 12)])
+def test_two_process_zero_run_trains_and_exports(env, tmp_path, zero, launcher, places, autocast, group_bits):
     """ZeRO-3 runs with image position embeddings: their tables are partitioned like every other
     parameter, gathered into the export, and rebuilt from config.json when it is loaded. The
-    ZeRO-2 run trains its forward under bf16 autocast; its evaluation stays fp32, so the reloaded
-    export reproduces the logged held-out losses all the same."""
+    ZeRO-2 run trains its forward under bf16 autocast, with logits at labelled positions only; its
+    evaluation stays fp32 with full logits, so the reloaded export reproduces the logged held-out
+    losses all the same. The ZeRO-3 run writes one image id of all 12 bits per patch
+    (``model.image_group_size``), regrouped from the stored two 6-bit codes."""
     out = tmp_path / f"zero{zero}"
     train(env, out, "steps=4", f"engine.deepspeed_config=configs/deepspeed/zero{zero}.json",
-          f"model.image_positions={str(places).lower()}", f"engine.cpu_autocast={autocast}", procs=2,
-          launcher=launcher)
+          f"model.image_positions={str(places).lower()}", f"engine.cpu_autocast={autocast}",
+          f"model.image_group_size={group_bits}", procs=2, launcher=launcher)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["cpu_autocast"] == ("bfloat16" if autocast == "bf16" else None)
     assert set(metrics["final_eval"]) == {f"eval/{t}" for t in ("vqa", "caption", "chat", "t2i", "text",
@@ -131,12 +133,18 @@ def test_two_process_zero_run_trains_and_exports(env, tmp_path, zero, launcher, 
     loaded = load_unified(out / "export")
     assert loaded.hash == metrics["export_hash"] and loaded.tokenizer_hash == metrics["tokenizer_hash"]
     assert (image_position_embedding(loaded.model) is not None) == places
+    assert (loaded.vocab.num_groups, loaded.vocab.code_groups) == ((1, 2) if group_bits == 12 else (2, 2))
     # the export holds the trained weights: its held-out loss is the logged final one
-    from unified_mm.data.mixture import MixtureConfig, SourceConfig, eval_sequences
+    from mmcore.config import load_config
+    from train.unified import UnifiedTrainConfig
+    from unified_mm.data.mixture import SourceConfig, eval_sequences
     from unified_mm.quick_eval import heldout_losses
     from unified_mm.sequence import SequenceBuilder
     builder = SequenceBuilder(loaded.text_tokenizer, loaded.vocab, 160)
-    held = eval_sequences(SourceConfig(codes=str(env["codes"]), split="val"), MixtureConfig(), builder,
+    # the run's own mixture (its saved config): chat_turns decides how many turns a conversation
+    # keeps, and one id per patch leaves room for more of them under max_length
+    mixture = load_config(UnifiedTrainConfig, out / "config.yaml").mixture
+    held = eval_sequences(SourceConfig(codes=str(env["codes"]), split="val"), mixture, builder,
                           tokenizer_hash=loaded.tokenizer_hash, per_task=4)
     again = heldout_losses(loaded.model, loaded.vocab, held, pad_id=loaded.text_tokenizer.pad_id)
     for task, value in again.items():

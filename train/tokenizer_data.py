@@ -19,7 +19,7 @@ import torch
 
 from mmcore.config import ConfigError
 from mmcore.text_tokenizer import TextTokenizer
-from unified_mm.data.hard_negatives import hard_negative
+from unified_mm.data.hard_negatives import SWAPPABLE, hard_negative
 from unified_mm.data.pixels import image_to_pixels
 from unified_mm.data.shapesworld import ShapesWorldConfig
 from unified_mm.data.shards import Sample, ShardDataset, SkipLog, resolve_shards
@@ -39,10 +39,20 @@ class TokenizerDataConfig:
     # changed, scored as negatives for that batch's images (unified_mm/data/hard_negatives.py;
     # needs ShapesWorld metadata; 0 = QLIP's plain in-batch negatives)
     hard_negatives: int = 0
+    # which attribute a hard negative changes: attribute ("colour", "shape") -> weight; {} = every
+    # alternative value equally likely (6 colours, 4 shapes: 5 of 8 negatives change a colour)
+    hard_negative_weights: dict = dataclasses.field(default_factory=dict)
 
     def validate(self) -> None:
         if self.hard_negatives < 0:
             raise ConfigError(f"data.hard_negatives must be >= 0, got {self.hard_negatives}")
+        unknown = sorted(set(self.hard_negative_weights) - set(SWAPPABLE))
+        if unknown:
+            raise ConfigError(f"data.hard_negative_weights: unknown attributes {unknown}; known: {', '.join(SWAPPABLE)}")
+        values = list(self.hard_negative_weights.values())
+        if values and (not all(isinstance(v, (int, float)) and v >= 0 for v in values) or sum(values) <= 0):
+            raise ConfigError(f"data.hard_negative_weights must be non-negative numbers with a positive sum, "
+                              f"got {self.hard_negative_weights}")
         if not self.caption_weights or min(self.caption_weights) < 0 or sum(self.caption_weights) <= 0:
             raise ConfigError(f"data.caption_weights must be non-negative with a positive sum, "
                               f"got {self.caption_weights}")
@@ -181,7 +191,7 @@ def image_text_batches(cfg: TokenizerDataConfig, text_tokenizer: TextTokenizer |
             label = caption_label(sample.meta, index, caption)
             if use_negatives:
                 for _ in range(cfg.hard_negatives):
-                    negative = hard_negative(sample.meta, index, rng, choices)
+                    negative = hard_negative(sample.meta, index, rng, choices, cfg.hard_negative_weights)
                     if negative is not None:
                         negatives.append((text_tokenizer.encode_pooled(negative.caption, context_length),
                                           caption_label({"objects": negative.objects}, index, negative.caption)))

@@ -49,7 +49,8 @@ from train.unified_log import RunLogger
 from unified_mm.data.mixture import MixedTaskStream, MixtureConfig, SourceConfig, eval_sequences, text_gain
 from unified_mm.data.shards import SkipLog
 from unified_mm.export import load_unified, save_unified
-from unified_mm.loss import modality_token_losses, per_task_losses, weighted_mean_loss
+from unified_mm.loss import (modality_token_losses, modality_token_losses_from_hidden, per_task_losses,
+                             weighted_mean_loss)
 from unified_mm.model import UnifiedModelConfig, build_model, count_parameters
 from unified_mm.quick_eval import greedy_vqa_accuracy, heldout_losses
 from unified_mm.sequence import TASKS, SequenceBuilder, SequenceStats
@@ -134,7 +135,8 @@ def build_vocab(cfg: UnifiedTrainConfig, text_tokenizer: TextTokenizer) -> Vocab
     """The vocabulary from the text tokenizer and the first source's codes manifest."""
     manifest = read_manifest(sources_of(cfg)[0].codes)
     return Vocab.for_tokenizers(text_tokenizer.vocab_size, int(manifest["num_bits"]),
-                                int(manifest["group_size"]), int(manifest["grid_size"]))
+                                int(manifest["group_size"]), int(manifest["grid_size"]),
+                                image_group_size=cfg.model.image_group_size)
 
 
 class Setup:
@@ -176,10 +178,7 @@ def train_step(engine, micro_batches, vocab: Vocab, guard: StepGuard | None = No
     if guard is not None:
         guard.begin(step)
     for index, batch in enumerate(micro_batches):
-        with forward_autocast(autocast_dtype):
-            logits = engine(input_ids=batch.ids.to(engine.device),
-                            attention_mask=batch.attention_mask.to(engine.device)).logits
-        token_losses = modality_token_losses(logits, batch.labels.to(engine.device), vocab)
+        token_losses = forward_losses(engine, batch, vocab, autocast_dtype)
         loss = weighted_mean_loss(token_losses, batch.labels, vocab, image_token_weight)
         if guard is None:
             engine.backward(loss)
@@ -192,6 +191,24 @@ def train_step(engine, micro_batches, vocab: Vocab, guard: StepGuard | None = No
         tokens += int(batch.attention_mask.sum())
     skipped = guard.end(engine) if guard is not None else None
     return {"sums": sums, "counts": counts, "tokens": tokens, "skipped": skipped}
+
+
+def forward_losses(engine, batch, vocab: Vocab, autocast_dtype: torch.dtype | None):
+    """Per-token losses of one micro-batch (:class:`unified_mm.loss.TokenLosses`).
+
+    Under ZeRO 0-2 the output layer runs only at labelled positions (a conversation labels ~15 of
+    ~200; on the tiny CPU preset 4% less time per step, on a 64k-id QLIP vocabulary it avoids a
+    (B, T, V) logits tensor). ZeRO-3 partitions the weights and fetches them around
+    ``engine(...)``'s forward, so there the full logits come from the engine's own forward.
+    """
+    ids, mask = batch.ids.to(engine.device), batch.attention_mask.to(engine.device)
+    labels = batch.labels.to(engine.device)
+    with forward_autocast(autocast_dtype):
+        if ds_engine.zero_stage(engine) < 3:
+            hidden = engine.module.model(input_ids=ids, attention_mask=mask).last_hidden_state
+            return modality_token_losses_from_hidden(hidden, engine.module.lm_head, labels, vocab)
+        logits = engine(input_ids=ids, attention_mask=mask).logits
+    return modality_token_losses(logits, labels, vocab)
 
 
 def forward_autocast(dtype: torch.dtype | None):

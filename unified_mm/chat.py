@@ -144,7 +144,7 @@ class ChatSession:
         cond = span.state if uncond is None else select_rows(self.model, span.state, torch.tensor([0]))
         ids = codes_to_span_ids(self.vocab, span.codes)  # (1, N·G)
         tail = torch.tensor([[int(ids[0, -1]), self.tok.eoi_id]], device=ids.device)
-        codes = span.codes[0].view(self.vocab.num_patches, self.vocab.num_groups).cpu()
+        codes = self.vocab.ids_to_codes(ids[0]).cpu()  # (N, code_groups): the tokenizer's grouping
         return _ImageStep(codes, advance(self.model, cond, tail))
 
     @torch.inference_mode()

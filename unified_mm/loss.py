@@ -37,6 +37,49 @@ def _slices(vocab: Vocab) -> list[tuple[int, int, int]]:
             *((k, *vocab.group_range(k)) for k in range(vocab.num_groups))]
 
 
+class LabelledPositions(NamedTuple):
+    mask: torch.Tensor  # (B, T-1) bool: position t predicts labels[:, t + 1], which is labelled
+    batch_index: torch.Tensor  # (M,) long: row of each labelled position
+    time_index: torch.Tensor  # (M,) long: position (into logits / hidden states) that predicts it
+    targets: torch.Tensor  # (M,) long: the target ids
+
+
+def labelled_positions(labels: torch.Tensor, vocab: Vocab) -> LabelledPositions:
+    """Where ``labels`` (B, T) ask for a prediction, after the shift; checks the target ids."""
+    targets = labels[:, 1:]  # (B, T-1)
+    mask = targets != IGNORE_INDEX  # (B, T-1)
+    selected_targets = targets[mask]  # (M,)
+    if selected_targets.numel() and (int(selected_targets.min()) < 0
+                                     or int(selected_targets.max()) >= vocab.size):
+        bad = selected_targets[(selected_targets < 0) | (selected_targets >= vocab.size)][0]
+        raise ValueError(f"label {int(bad)} is outside the vocabulary [0, {vocab.size}) "
+                         f"(and is not IGNORE_INDEX {IGNORE_INDEX})")
+    b, t = mask.nonzero(as_tuple=True)  # (M,) each, in the row-major order of mask
+    return LabelledPositions(mask, b, t, selected_targets)
+
+
+def _row_losses(row_logits: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor,
+                vocab: Vocab) -> torch.Tensor:
+    """(M,) NLL of ``targets`` (M,) under the modality-separated softmax of ``row_logits[rows]``
+    (``row_logits`` (N, V); ``rows`` (M,) indexes it). Only each row's own slice is gathered and
+    upcast to float32."""
+    target_logit = row_logits[rows, targets].float()  # (M,)
+    groups = vocab.group_of(targets)  # (M,) TEXT or image group
+    lse = torch.zeros_like(target_logit)  # (M,)
+    for group, start, end in _slices(vocab):
+        members = (groups == group).nonzero().squeeze(1)  # (M_g,) indices into the M positions
+        if members.numel():
+            # Copies only (M_g, end - start): each row's own slice, never the full (M, V).
+            sliced = row_logits[:, start:end][rows[members]].float()
+            lse = lse.index_put((members,), torch.logsumexp(sliced, dim=-1))
+    return lse - target_logit
+
+
+def _scatter(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    losses = torch.zeros(mask.shape, dtype=per_token.dtype, device=per_token.device)
+    return losses.masked_scatter(mask, per_token)  # (B, T-1)
+
+
 def modality_token_losses(logits: torch.Tensor, labels: torch.Tensor, vocab: Vocab) -> TokenLosses:
     """Per-token NLL under the modality-separated softmax; shifts inside.
 
@@ -50,31 +93,30 @@ def modality_token_losses(logits: torch.Tensor, labels: torch.Tensor, vocab: Voc
     if logits.shape[:2] != labels.shape or logits.dim() != 3:
         raise ValueError(f"logits (B, T, V) and labels (B, T) disagree: {tuple(logits.shape)} vs "
                          f"{tuple(labels.shape)}")
-    targets = labels[:, 1:]  # (B, T-1)
-    mask = targets != IGNORE_INDEX  # (B, T-1)
-    selected_targets = targets[mask]  # (M,)
-    if selected_targets.numel() and (int(selected_targets.min()) < 0
-                                     or int(selected_targets.max()) >= vocab.size):
-        bad = selected_targets[(selected_targets < 0) | (selected_targets >= vocab.size)][0]
-        raise ValueError(f"label {int(bad)} is outside the vocabulary [0, {vocab.size}) "
-                         f"(and is not IGNORE_INDEX {IGNORE_INDEX})")
+    where = labelled_positions(labels, vocab)
     batch, length = labels.shape
     flat = logits.reshape(batch * length, vocab.size)  # (B·T, V), a view for contiguous logits
-    b, t = mask.nonzero(as_tuple=True)  # (M,) each: labelled positions, predicted from logits[b, t]
-    rows = b * length + t  # (M,) rows of flat
-    target_logit = flat[rows, selected_targets].float()  # (M,)
-    groups = vocab.group_of(selected_targets)  # (M,) TEXT or image group
-    lse = torch.zeros_like(target_logit)  # (M,)
-    for group, start, end in _slices(vocab):
-        members = (groups == group).nonzero().squeeze(1)  # (M_g,) indices into the M positions
-        if members.numel():
-            # Copies only (M_g, end - start): each row's own slice, never the full (M, V).
-            sliced = flat[:, start:end][rows[members]].float()
-            lse = lse.index_put((members,), torch.logsumexp(sliced, dim=-1))
-    per_token = lse - target_logit  # (M,)
-    losses = torch.zeros(mask.shape, dtype=per_token.dtype, device=logits.device)
-    losses = losses.masked_scatter(mask, per_token)  # (B, T-1)
-    return TokenLosses(losses, mask)
+    rows = where.batch_index * length + where.time_index  # (M,) rows of flat
+    return TokenLosses(_scatter(_row_losses(flat, rows, where.targets, vocab), where.mask), where.mask)
+
+
+def modality_token_losses_from_hidden(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor,
+                                      vocab: Vocab) -> TokenLosses:
+    """:func:`modality_token_losses` of ``head(hidden)`` without the full logits.
+
+    hidden (B, T, D): the decoder's final (normed) hidden states; ``head``: its output layer
+    (``lm_head``). Logits are computed only at labelled positions: a conversation labels ~15 of
+    ~200 positions, so the (B, T, V) logits tensor, its matmul and its backward mostly go to
+    positions no loss reads.
+    """
+    if hidden.shape[:2] != labels.shape or hidden.dim() != 3:
+        raise ValueError(f"hidden (B, T, D) and labels (B, T) disagree: {tuple(hidden.shape)} vs "
+                         f"{tuple(labels.shape)}")
+    where = labelled_positions(labels, vocab)
+    row_logits = head(hidden[where.batch_index, where.time_index])  # (M, V)
+    _check_vocab_size(row_logits, vocab)
+    rows = torch.arange(row_logits.shape[0], device=row_logits.device)
+    return TokenLosses(_scatter(_row_losses(row_logits, rows, where.targets, vocab), where.mask), where.mask)
 
 
 def modality_loss(logits: torch.Tensor, labels: torch.Tensor, vocab: Vocab) -> torch.Tensor:

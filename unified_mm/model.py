@@ -106,8 +106,13 @@ class UnifiedModelConfig:
     # Learned row + column + group embeddings added to image ids' inputs
     # (unified_mm/image_positions.py); saved in config.json, so loading rebuilds them.
     image_positions: bool = False
+    # Bits per image id (unified_mm/vocab.py): 0 = the tokenizer's group size (tiny: 2 ids of
+    # 6 bits per patch); the tokenizer's num_bits = one id per patch (tiny: 1 of 4,096).
+    image_group_size: int = 0
 
     def validate(self) -> None:
+        if self.image_group_size < 0:
+            raise ConfigError(f"model.image_group_size must be >= 0 (0: the tokenizer's), got {self.image_group_size}")
         if self.preset not in PRESETS:
             raise ConfigError(f"unknown model preset {self.preset!r}; known: {', '.join(PRESETS)}")
         if self.attn_implementation not in ATTENTION_CHOICES:

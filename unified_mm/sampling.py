@@ -90,7 +90,7 @@ class SpanResult(NamedTuple):
 class SampledImage(NamedTuple):
     prompt: str
     seed: int
-    image_codes: torch.Tensor  # (N, G) long group indices in [0, 2^g), on the CPU
+    image_codes: torch.Tensor  # (N, code_groups) long: the tokenizer's group indices, on the CPU
     ids: list[int]  # the generated continuation of the prompt: N·G image ids, then <eoi>
 
 
@@ -195,8 +195,8 @@ def unconditional_prefix(model: LlamaForCausalLM, builder: SequenceBuilder,
 
 
 def codes_to_span_ids(vocab: Vocab, codes: torch.Tensor) -> torch.Tensor:
-    """Span codes (B, N·G) → unified image ids (B, N·G)."""
-    return vocab.codes_to_ids(codes.unflatten(-1, (vocab.num_patches, vocab.num_groups)))
+    """Sampled span codes (B, N·G), each in its position's group → unified image ids (B, N·G)."""
+    return vocab.group_indices_to_ids(codes.unflatten(-1, (vocab.num_patches, vocab.num_groups)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,7 +284,7 @@ def sample_images(model: LlamaForCausalLM, vocab: Vocab, builder: SequenceBuilde
         codes = sample_span(model, vocab, state, len(chunk), settings, generators, progress).codes.cpu()
         ids = codes_to_span_ids(vocab, codes)  # (B, N·G)
         eoi = builder.text_tokenizer.eoi_id
-        for job, row_codes, row_ids in zip(chunk, codes, ids):
-            image_codes = row_codes.view(vocab.num_patches, vocab.num_groups)
-            results.append(SampledImage(job.prompt, job.seed, image_codes, [*row_ids.tolist(), eoi]))
+        image_codes = vocab.ids_to_codes(ids)  # (B, N, code_groups): the tokenizer's grouping
+        for job, row_codes, row_ids in zip(chunk, image_codes, ids):
+            results.append(SampledImage(job.prompt, job.seed, row_codes, [*row_ids.tolist(), eoi]))
     return results

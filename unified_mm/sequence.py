@@ -160,7 +160,7 @@ class SequenceBuilder:
         """Codes (N, G) → ``[image ids]`` (N·G,); ValueError on a wrong shape or out-of-range values."""
         codes = torch.as_tensor(np.asarray(image_codes) if isinstance(image_codes, np.ndarray)
                                 else image_codes)
-        expected = (self.vocab.num_patches, self.vocab.num_groups)
+        expected = (self.vocab.num_patches, self.vocab.code_groups)
         if tuple(codes.shape) != expected:
             raise ValueError(f"image codes must have shape {expected} (patches, groups), "
                              f"got {tuple(codes.shape)}")

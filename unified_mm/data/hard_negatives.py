@@ -33,10 +33,15 @@ def object_dicts(scene: Scene) -> list[dict]:
     return [{"colour": o.colour, "shape": o.shape, "size": o.size, "position": o.position} for o in scene.objects]
 
 
-def hard_negative(meta: dict, kind: int, rng: random.Random, choices: dict[str, list[str]]) -> HardNegative | None:
+def hard_negative(meta: dict, kind: int, rng: random.Random, choices: dict[str, list[str]],
+                  weights: dict[str, float] | None = None) -> HardNegative | None:
     """A caption of kind ``kind`` (0 short, 1 long, 2 sentence) for ``meta``'s scene with one
     object's colour or shape replaced by another value from ``choices`` (attribute -> names).
-    None when ``meta`` has no usable objects or no attribute has an alternative."""
+    None when ``meta`` has no usable objects or no attribute has an alternative.
+
+    ``weights`` (attribute -> weight): the attribute to change is drawn by these weights, then its
+    new value uniformly; empty or None: every alternative value is equally likely (with 6 colours
+    and 4 shapes, 5 of 8 negatives change a colour)."""
     try:
         scene = scene_from_meta(meta)
     except (KeyError, TypeError, ValueError):
@@ -49,6 +54,12 @@ def hard_negative(meta: dict, kind: int, rng: random.Random, choices: dict[str, 
                for value in choices.get(attribute, []) if value != getattr(target, attribute)]
     if not options:
         return None
+    if weights:
+        attributes = sorted({attribute for attribute, _ in options}, key=SWAPPABLE.index)
+        if sum(weights.get(a, 0.0) for a in attributes) <= 0:
+            return None  # only zero-weight attributes have alternatives here
+        attribute = rng.choices(attributes, [weights.get(a, 0.0) for a in attributes])[0]
+        options = [option for option in options if option[0] == attribute]
     attribute, value = options[rng.randrange(len(options))]
     objects = list(scene.objects)
     objects[index] = dataclasses.replace(target, **{attribute: value})
