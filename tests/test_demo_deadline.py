@@ -1,0 +1,28 @@
+"""`make demo`'s deadline: the unified step's training budget shrinks when earlier steps ran slow."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def demo():
+    spec = importlib.util.spec_from_file_location("demo_script", ROOT / "scripts/demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_budget_is_the_config_unless_the_deadline_needs_less(demo):
+    assert demo.unified_budget(355, 0, 800, 135) == 355  # no deadline: always the config's
+    assert demo.unified_budget(355, 900, 400, 135) == 355  # on time: never more than the config's
+    assert demo.unified_budget(355, 900, 450, 135) == 315  # demo 10's slow phase: 450 s spent
+    assert demo.unified_budget(355, 900, 800, 135) == demo.MIN_UNIFIED_BUDGET_S  # never below the floor
+
+
+def test_only_the_unified_step_is_budgeted_and_its_config_has_a_budget(demo):
+    budgeted = [step.name for step in demo.STEPS if step.deadline_reserve > 0]
+    assert budgeted == ["unified"]
+    assert demo.config_time_budget(demo.UNIFIED_CONFIG) > demo.MIN_UNIFIED_BUDGET_S
