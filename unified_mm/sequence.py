@@ -157,7 +157,8 @@ class SequenceBuilder:
 
     # -- pieces ------------------------------------------------------------------------------------
     def image_ids(self, image_codes: ImageCodes) -> list[int]:
-        """Codes (N, G) → ``[image ids]`` (N·G,); ValueError on a wrong shape or out-of-range values."""
+        """The tokenizer's codes (N, code_groups) → ``[image ids]`` (N·G,); ValueError on a wrong
+        shape or out-of-range values."""
         codes = torch.as_tensor(np.asarray(image_codes) if isinstance(image_codes, np.ndarray)
                                 else image_codes)
         expected = (self.vocab.num_patches, self.vocab.code_groups)
