@@ -35,8 +35,8 @@ class Step(NamedTuple):
     command: Callable[[Path], list[str]]
     report: Callable[[Path], str]
     fresh: str = ""  # a folder under --out this step rewrites whole: removed first, so reruns start clean
-    # > 0: this step trains for a wall-clock budget that shrinks to meet --deadline, keeping this
-    # many seconds for what follows it (see unified_budget)
+    # > 0 (the unified step only): its UNIFIED_CONFIG time budget shrinks to meet --deadline,
+    # keeping this many seconds for what follows it (see unified_budget)
     deadline_reserve: float = 0.0
 
 
@@ -128,7 +128,7 @@ def torchrun(script: str, *args: str) -> list[str]:
             "--master_port", str(find_free_port()), script, *args]
 
 
-UNIFIED_CONFIG = ROOT / "configs/unified/tiny.yaml"
+UNIFIED_CONFIG = "configs/unified/tiny.yaml"  # relative to ROOT, as the command line shows it
 # Seconds the demo needs after the unified step's training budget runs out: its own start-up, final
 # held-out evaluation and export (30-35 s) and the evaluation step (50 s, 99 s in a slow phase of
 # this machine: demo 10 took 935 s with every step slower).
@@ -179,7 +179,7 @@ STEPS = [
                       "--out", str(out / "codes"), "--overwrite"],
          codes_report),
     Step("unified", "unified model (Llama decoder, VQA + captions + chat + text-to-image), ZeRO-2 on 2 CPU processes",
-         lambda out: torchrun("train/unified.py", "--config", "configs/unified/tiny.yaml",
+         lambda out: torchrun("train/unified.py", "--config", UNIFIED_CONFIG,
                               f"data.tokenizer={out / 'tokenizer_stage2' / 'export'}",
                               f"data.sources=[{{codes: {out / 'codes'}, split: train}}]",
                               f"data.val={{codes: {out / 'codes'}, split: val}}",
@@ -215,7 +215,7 @@ def run_step(step: Step, out: Path, index: int, total: int, deadline: float = 0.
         shutil.rmtree(out / step.fresh)  # eval refuses to mix answers of an earlier run into a new one
     command = step.command(out)
     if step.deadline_reserve > 0 and deadline > 0:
-        configured = config_time_budget(UNIFIED_CONFIG)
+        configured = config_time_budget(ROOT / UNIFIED_CONFIG)
         budget = unified_budget(configured, deadline, elapsed, step.deadline_reserve)
         print(f"deadline {deadline:.0f} s: {elapsed:.0f} s spent, {step.deadline_reserve:.0f} s kept for what "
               f"follows -> training budget {budget:.0f} s (config {configured:.0f} s)", flush=True)

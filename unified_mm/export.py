@@ -104,7 +104,7 @@ def _check_qlip_layout(config: QLIPConfig, vocab: Vocab, source: Path) -> None:
     """The QLIP tokenizer's BSQ layout and token grid must be the ones the vocabulary encodes."""
     grid = config.encoder.image_size // config.encoder.patch_size
     mine = (config.bsq.num_bits, config.bsq.group_size, grid)
-    theirs = (vocab.num_bits, vocab.codes_group_bits, vocab.grid_size)
+    theirs = (vocab.num_bits, vocab.code_group_size, vocab.grid_size)
     if mine != theirs:
         raise UserError(f"{source}: tokenizer codes are {mine[0]} bits in groups of {mine[1]} on a "
                         f"{grid}x{grid} grid, but the vocab expects {theirs[0]} bits in groups of "

@@ -42,7 +42,8 @@ class Vocab:
     num_groups: int  # G
     group_size: int  # g (bits per group)
     grid_size: int  # patches per side (h = w)
-    # bits per group of the tokenizer's codes (the codes_to_ids input); 0 = group_size
+    # bits per group of the tokenizer's codes (what codes_to_ids takes and ids_to_codes returns);
+    # 0 at construction means group_size and is stored as that
     code_group_size: int = 0
 
     def __post_init__(self):
@@ -52,9 +53,11 @@ class Vocab:
                 raise UserError(f"vocab: {name} must be a positive integer, got {value!r}")
         if not isinstance(self.code_group_size, int) or self.code_group_size < 0:
             raise UserError(f"vocab: code_group_size must be an integer >= 0, got {self.code_group_size!r}")
-        if self.num_bits % self.codes_group_bits:
+        if self.code_group_size == 0:  # frozen: one normal form, so equal layouts compare equal
+            object.__setattr__(self, "code_group_size", self.group_size)
+        if self.num_bits % self.code_group_size:
             raise UserError(f"vocab: {self.num_bits} bits do not split into the tokenizer's groups of "
-                            f"{self.codes_group_bits}")
+                            f"{self.code_group_size}")
         if self.group_size > 20:
             raise UserError(f"vocab: group_size {self.group_size} gives {2 ** self.group_size} ids per "
                             "group; use more groups of fewer bits (QLIP: 28 bits = 2 x 14)")
@@ -79,18 +82,13 @@ class Vocab:
         return self.num_groups * self.group_size
 
     @property
-    def codes_group_bits(self) -> int:
-        """Bits per group of the tokenizer's codes (the codes this class converts from and to)."""
-        return self.code_group_size or self.group_size
-
-    @property
     def code_groups(self) -> int:
         """Groups per patch in the tokenizer's codes: a code array is (..., N, code_groups)."""
-        return self.num_bits // self.codes_group_bits
+        return self.num_bits // self.code_group_size
 
     @property
     def regroups(self) -> bool:
-        return self.codes_group_bits != self.group_size
+        return self.code_group_size != self.group_size
 
     @property
     def num_patches(self) -> int:
@@ -131,12 +129,12 @@ class Vocab:
         codes = torch.as_tensor(np.asarray(codes) if isinstance(codes, np.ndarray) else codes).long()
         if codes.shape[-1] != self.code_groups or codes.dim() < 2:
             raise ValueError(f"image codes must have shape (..., N, {self.code_groups}), got {tuple(codes.shape)}")
-        limit = 1 << self.codes_group_bits
+        limit = 1 << self.code_group_size
         if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= limit):
             raise ValueError(f"image codes must lie in [0, {limit}), got "
                              f"[{int(codes.min())}, {int(codes.max())}]")
         if self.regroups:  # (..., N, code_groups) -> bits (..., N, L) -> (..., N, G)
-            codes = bits_to_group_indices(group_indices_to_bits(codes, self.codes_group_bits), self.group_size)
+            codes = bits_to_group_indices(group_indices_to_bits(codes, self.code_group_size), self.group_size)
         return self.group_indices_to_ids(codes)
 
     def group_indices_to_ids(self, indices: torch.Tensor) -> torch.Tensor:
@@ -162,18 +160,18 @@ class Vocab:
             raise ValueError(f"id at image offset {flat} is not an id of group {self.span_group(flat)}: "
                              f"{int(ids.flatten()[bad.flatten().nonzero()[0, 0]])}")
         if self.regroups:  # (..., N, G) -> bits -> (..., N, code_groups)
-            codes = bits_to_group_indices(group_indices_to_bits(codes, self.group_size), self.codes_group_bits)
+            codes = bits_to_group_indices(group_indices_to_bits(codes, self.group_size), self.code_group_size)
         return codes
 
     def bits_to_ids(self, bits: torch.Tensor) -> torch.Tensor:
         """Bits ``(..., N, L)`` in {0, 1} → unified ids ``(..., N·G)``."""
         if bits.shape[-1] != self.num_bits:
             raise ValueError(f"expected {self.num_bits} bits per patch, got {bits.shape[-1]}")
-        return self.codes_to_ids(bits_to_group_indices(bits, self.codes_group_bits))
+        return self.codes_to_ids(bits_to_group_indices(bits, self.code_group_size))
 
     def ids_to_bits(self, ids: torch.Tensor) -> torch.Tensor:
         """Unified ids ``(..., N·G)`` → bits ``(..., N, L)`` in {0, 1}."""
-        return group_indices_to_bits(self.ids_to_codes(ids), self.codes_group_bits)
+        return group_indices_to_bits(self.ids_to_codes(ids), self.code_group_size)
 
     def code_bits(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes of one group ``(...)`` in [0, 2^g) → their g bits ``(..., g)`` in {0, 1}, MSB first."""
@@ -215,5 +213,4 @@ class Vocab:
         ids_bits = image_group_size or group_size
         if num_bits % ids_bits:
             raise UserError(f"vocab: image_group_size {ids_bits} does not divide the tokenizer's {num_bits} bits")
-        return cls(text_vocab_size, num_bits // ids_bits, ids_bits, grid_size,
-                   code_group_size=0 if ids_bits == group_size else group_size)
+        return cls(text_vocab_size, num_bits // ids_bits, ids_bits, grid_size, code_group_size=group_size)
