@@ -138,6 +138,12 @@ VARIANTS = {
                                    image_weight=0.25, pos2d=True, hidden_loss=True),
     "hl_g1_iw0.5_pos2d_900": Variant("tiny", 900, 4e-3, MULTI_QA_MIX, chat_turns=5, max_length=160, bit_init=True,
                                      image_weight=0.5, pos2d=True, one_group=True, hidden_loss=True),
+    # the long curve: the demo's configuration, and 6 layers, for 3,000 steps (how far does VQA go?)
+    "hl_iw0.25_pos2d_3000": Variant("tiny", 3000, 4e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True,
+                                    image_weight=0.25, pos2d=True, hidden_loss=True),
+    "hl_deep6_iw0.25_pos2d_3000": Variant("tiny", 3000, 4e-3, MULTI_QA_MIX, chat_turns=5, max_length=224,
+                                          bit_init=True, image_weight=0.25, pos2d=True, hidden_loss=True,
+                                          overrides={"num_hidden_layers": 6}),
     "multiqa_bits_550": Variant("tiny", 550, 2e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True),
     "multiqa_bits_750": Variant("tiny", 750, 2e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True),
 }

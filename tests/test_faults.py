@@ -217,7 +217,7 @@ def fake_checkpoint(checkpoints: Path, step: int, complete: bool = True) -> Path
     directory.mkdir(parents=True)
     (directory / "mp_rank_00_model_states.pt").write_bytes(b"x" * step)
     if complete:
-        ds_engine._write_complete_marker(directory, directory.name, step)
+        ds_engine.write_complete_marker(directory, directory.name, step)
     return directory
 
 

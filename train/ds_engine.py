@@ -13,7 +13,8 @@ The optimizer is a plain ``torch.optim.AdamW`` (ZeRO supports it natively): Deep
 CPU Adam would JIT-compile for about a minute on first use.
 
 The config dataclasses, the optimizer's parameter groups and the warm-up/cosine schedule live in
-the deepspeed-free :mod:`train.optim` and are re-exported here.
+the deepspeed-free :mod:`train.optim` and are re-exported here, as are the checkpoint-directory
+helpers of :mod:`train.checkpoint_dirs` (tags, completion markers, ``latest``, rotation).
 
 Checkpoints are crash-safe (:func:`save_checkpoint`): each is written into
 ``.partial-step_XXXXXXXX``, gets a ``checkpoint_complete.json`` listing its files, is renamed to
@@ -34,7 +35,6 @@ import json
 import math
 import os
 import pickle
-import re
 import shutil
 import time
 from pathlib import Path
@@ -42,15 +42,19 @@ from typing import Any, Callable, Iterable
 
 import deepspeed
 import torch
-import torch.distributed as tdist
 from deepspeed.utils import safe_get_full_fp32_param
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
 from mmcore.errors import UserError
-from mmcore.io import atomic_output_path, atomic_write_json, atomic_write_text
+from mmcore.io import atomic_output_path, atomic_write_text
 from train import faults
+from train.checkpoint_dirs import (LATEST_FILE, PARTIAL_PREFIX, checkpoint_tag, clean_partial_checkpoints,  # noqa: F401
+                                   complete_checkpoints, find_latest_tag, fsync_path, is_complete, latest_tag,
+                                   remove_checkpoint_dir, resume_checkpoint_tag, rng_file, rotate_checkpoints,
+                                   step_of_tag, write_complete_marker)
 from train.distributed import barrier, get_rank, rng_state, set_rng_state, warn
-# deepspeed-free pieces, re-exported so ``ds_engine.OptimConfig`` etc. keep working
+# deepspeed-free pieces (above: checkpoint directories; below: optimizer and configs),
+# re-exported so ``ds_engine.OptimConfig``, ``ds_engine.latest_tag`` etc. keep working
 from train.optim import (EngineConfig, OptimConfig, WarmupCosine, build_optimizer,  # noqa: F401
                          build_scheduler, param_groups)
 
@@ -70,11 +74,6 @@ YAML_OWNED_KEYS = {
 TRAINER_STATE_KEY = "trainer_state"
 # Scripts DeepSpeed copies next to every checkpoint; they load pickles unrestricted, so we remove them.
 UNSAFE_RECOVERY_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")  # our namespace inside DeepSpeed's client_state
-LATEST_FILE = "latest"  # DeepSpeed's pointer file, written by us (atomically, after the rename)
-PARTIAL_PREFIX = ".partial-"  # a checkpoint being written
-TRASH_PREFIX = ".trash-"  # a checkpoint being deleted
-COMPLETE_FILE = "checkpoint_complete.json"  # written last into a finished checkpoint
-_TAG_RE = re.compile(r"^step_(\d+)$")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,187 +236,8 @@ def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> floa
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints
+# Checkpoints (the directory bookkeeping is in train/checkpoint_dirs.py)
 # ---------------------------------------------------------------------------------------------
-
-def checkpoint_tag(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def step_of_tag(tag: str) -> int | None:
-    """The step of a ``step_XXXXXXXX`` tag, None for any other name."""
-    match = _TAG_RE.match(tag)
-    return int(match.group(1)) if match else None
-
-
-def _rng_file(checkpoint_dir: Path, tag: str, rank: int) -> Path:
-    return Path(checkpoint_dir) / tag / f"rng_state_rank{rank:05d}.pt"
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file's (or directory's) data to disk; best effort (some filesystems refuse)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _remove_dir(path: Path) -> None:
-    """Delete a checkpoint directory: renamed to ``.trash-*`` first (atomic), then removed, so a
-    kill half-way through the deletion never leaves a half-deleted ``step_*`` behind."""
-    if not path.exists():
-        return
-    trash = path
-    if not path.name.startswith((PARTIAL_PREFIX, TRASH_PREFIX)):
-        trash = path.with_name(f"{TRASH_PREFIX}{path.name}")
-        shutil.rmtree(trash, ignore_errors=True)
-        os.replace(path, trash)
-    shutil.rmtree(trash, ignore_errors=True)
-
-
-def _write_complete_marker(directory: Path, tag: str, step: int) -> None:
-    """Record every file of a fully written checkpoint with its size (see :func:`is_complete`)."""
-    files = {}
-    for path in sorted(directory.rglob("*")):
-        if path.is_file() and path.name != COMPLETE_FILE:
-            _fsync(path)
-            files[path.relative_to(directory).as_posix()] = path.stat().st_size
-    world = tdist.get_world_size() if tdist.is_available() and tdist.is_initialized() else 1
-    atomic_write_json(directory / COMPLETE_FILE, {"tag": tag, "step": step, "world_size": world,
-                                                  "files": files, "saved_at": time.time()})
-    _fsync(directory / COMPLETE_FILE)
-    _fsync(directory)
-
-
-def is_complete(directory: str | Path) -> bool:
-    """Whether a checkpoint directory was fully written: its ``checkpoint_complete.json`` (written
-    last, just before the directory got its final name) lists files that all exist with the
-    recorded sizes."""
-    marker = Path(directory) / COMPLETE_FILE
-    try:
-        record = json.loads(marker.read_text(encoding="utf-8"))
-        files = record["files"]
-        return isinstance(files, dict) and bool(files) and all(
-            (Path(directory) / name).is_file() and (Path(directory) / name).stat().st_size == size
-            for name, size in files.items())
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-
-
-def _is_legacy_checkpoint(directory: Path) -> bool:
-    """A checkpoint written before completion markers existed (then only ``latest`` vouched for it)."""
-    return directory.is_dir() and not (directory / COMPLETE_FILE).exists() \
-        and any(directory.glob("*model_states.pt"))
-
-
-def complete_checkpoints(checkpoint_dir: str | Path) -> list[tuple[int, str]]:
-    """``(step, tag)`` of every complete ``step_*`` checkpoint, oldest first."""
-    checkpoint_dir = Path(checkpoint_dir)
-    if not checkpoint_dir.is_dir():
-        return []
-    found = []
-    for path in checkpoint_dir.iterdir():
-        step = step_of_tag(path.name)
-        if step is not None and path.is_dir() and is_complete(path):
-            found.append((step, path.name))
-    return sorted(found)
-
-
-def _read_latest(checkpoint_dir: Path) -> str | None:
-    try:
-        tag = (checkpoint_dir / LATEST_FILE).read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError):
-        return None
-    # a plain directory name only: a hand-edited or corrupt pointer never leaves checkpoint_dir
-    if not tag or "/" in tag or "\\" in tag or tag in (".", "..") or tag.startswith("."):
-        return None
-    return tag
-
-
-def latest_tag(checkpoint_dir: str | Path) -> str:
-    """The checkpoint to resume from: what ``latest`` names when that directory is complete, else
-    the newest complete ``step_*`` directory (``.partial-*`` leftovers never count).
-
-    Not a collective (offline tools use it); trainers call :func:`resume_checkpoint_tag`.
-    """
-    tag = find_latest_tag(checkpoint_dir)
-    if tag is None:
-        raise UserError(f"no complete checkpoint in {checkpoint_dir}")
-    return tag
-
-
-def find_latest_tag(checkpoint_dir: str | Path) -> str | None:
-    """:func:`latest_tag`, or None when ``checkpoint_dir`` holds no complete checkpoint."""
-    checkpoint_dir = Path(checkpoint_dir)
-    pointed = _read_latest(checkpoint_dir)
-    if pointed is not None:
-        directory = checkpoint_dir / pointed
-        if is_complete(directory) or _is_legacy_checkpoint(directory):
-            return pointed
-    complete = complete_checkpoints(checkpoint_dir)
-    if not complete:
-        return None
-    tag = complete[-1][1]
-    if pointed is not None or (checkpoint_dir / LATEST_FILE).exists():
-        warn(f"{checkpoint_dir / LATEST_FILE} names {pointed!r}, which is missing or incomplete; "
-             f"using the newest complete checkpoint {tag}")
-    return tag
-
-
-def clean_partial_checkpoints(checkpoint_dir: str | Path) -> list[str]:
-    """Delete ``.partial-*`` / ``.trash-*`` leftovers of interrupted saves and rotations."""
-    checkpoint_dir = Path(checkpoint_dir)
-    if not checkpoint_dir.is_dir():
-        return []
-    removed = []
-    for path in sorted(checkpoint_dir.iterdir()):
-        if path.is_dir() and path.name.startswith((PARTIAL_PREFIX, TRASH_PREFIX)):
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path.name)
-    return removed
-
-
-def resume_checkpoint_tag(checkpoint_dir: str | Path) -> str | None:
-    """The tag to resume from (None: start fresh), decided by rank 0 and shared with every rank.
-
-    Rank 0 also removes leftovers of interrupted saves. A collective when a process group exists.
-    """
-    tag = None
-    if get_rank() == 0:
-        removed = clean_partial_checkpoints(checkpoint_dir)
-        if removed:
-            warn(f"removed unfinished checkpoint directories in {checkpoint_dir}: {', '.join(removed)}")
-        tag = find_latest_tag(checkpoint_dir)
-    if tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1:
-        box = [tag]
-        tdist.broadcast_object_list(box, src=0)
-        tag = box[0]
-    return tag
-
-
-def rotate_checkpoints(checkpoint_dir: str | Path, keep_last: int, current_step: int) -> list[str]:
-    """Keep the ``keep_last`` newest complete checkpoints up to ``current_step``; delete the rest.
-
-    Complete checkpoints *newer* than ``current_step`` belong to an abandoned timeline (a rerun
-    with resume=false, or a resume from an older ``latest``) and are deleted too, so that a later
-    fallback can never jump onto them. ``keep_last=0`` keeps everything.
-    """
-    if keep_last <= 0:
-        return []
-    complete = complete_checkpoints(checkpoint_dir)
-    stale = [tag for step, tag in complete if step > current_step]
-    kept = [tag for step, tag in complete if step <= current_step]
-    doomed = stale + kept[:-keep_last]
-    for tag in doomed:
-        _remove_dir(Path(checkpoint_dir) / tag)
-    return doomed
-
 
 def save_checkpoint(engine: deepspeed.DeepSpeedEngine, checkpoint_dir: str | Path, step: int,
                     trainer_state: dict | None = None, *, keep_last: int = 0,
@@ -448,21 +268,21 @@ def save_checkpoint(engine: deepspeed.DeepSpeedEngine, checkpoint_dir: str | Pat
     state = {"step": step, "saved_at": time.time(), **(trainer_state or {})}
     engine.save_checkpoint(str(checkpoint_dir), tag=partial_tag, client_state={TRAINER_STATE_KEY: state},
                            save_latest=False)
-    with atomic_output_path(_rng_file(checkpoint_dir, partial_tag, rank)) as tmp:
+    with atomic_output_path(rng_file(checkpoint_dir, partial_tag, rank)) as tmp:
         torch.save(rng_state(), tmp)
     if write_extra is not None:
         write_extra(partial)
     barrier()  # every rank's shards, RNG file and extras are in the partial directory
     faults.kill_in_save(step)  # TEST HOOK: QLIP_FAULT_KILL_IN_SAVE (a crash mid-save)
     if rank == 0:
-        _write_complete_marker(partial, tag, step)
+        write_complete_marker(partial, tag, step)
         final = checkpoint_dir / tag
         if final.exists():  # the same step saved again (e.g. a rerun after stop_at)
-            _remove_dir(final)
+            remove_checkpoint_dir(final)
         os.replace(partial, final)
-        _fsync(checkpoint_dir)
+        fsync_path(checkpoint_dir)
         atomic_write_text(checkpoint_dir / LATEST_FILE, tag)
-        _fsync(checkpoint_dir)
+        fsync_path(checkpoint_dir)
         rotate_checkpoints(checkpoint_dir, keep_last, step)
         for script in UNSAFE_RECOVERY_SCRIPTS:  # they unpickle with weights_only=False if run by hand
             (checkpoint_dir / script).unlink(missing_ok=True)  # consolidate_fp32 is the safe route
@@ -530,7 +350,7 @@ def load_checkpoint(engine: deepspeed.DeepSpeedEngine, checkpoint_dir: str | Pat
     if load_path is None:
         raise UserError(f"DeepSpeed could not load checkpoint {Path(checkpoint_dir) / tag}")
     if restore_rng:
-        rng_path = _rng_file(Path(checkpoint_dir), tag, get_rank())
+        rng_path = rng_file(Path(checkpoint_dir), tag, get_rank())
         if rng_path.is_file():
             set_rng_state(torch.load(rng_path, weights_only=True))
         else:  # e.g. resuming on more ranks than were saved
