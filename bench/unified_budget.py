@@ -70,6 +70,9 @@ class Variant(NamedTuple):
     qa_rounds: int = 0
     # logits only at labelled positions (unified_mm.loss.modality_token_losses_from_hidden)
     hidden_loss: bool = False
+    # non-empty: training questions are only these ShapesWorld types (e.g. ("yesno",)); the
+    # evaluation still asks every type
+    qa_types: tuple = ()
 
 
 VARIANTS = {
@@ -144,6 +147,11 @@ VARIANTS = {
     "hl_deep6_iw0.25_pos2d_3000": Variant("tiny", 3000, 4e-3, MULTI_QA_MIX, chat_turns=5, max_length=224,
                                           bit_init=True, image_weight=0.25, pos2d=True, hidden_loss=True,
                                           overrides={"num_hidden_layers": 6}),
+    # yes/no questions alone (VQA sequences only): can the model learn them at all?
+    "yesno_only_600": Variant("tiny", 600, 4e-3, {"vqa": 1.0}, chat_turns=5, max_length=224, bit_init=True,
+                              image_weight=0.25, pos2d=True, hidden_loss=True, qa_types=("yesno",)),
+    "yesno_only_1200": Variant("tiny", 1200, 4e-3, {"vqa": 1.0}, chat_turns=5, max_length=224, bit_init=True,
+                               image_weight=0.25, pos2d=True, hidden_loss=True, qa_types=("yesno",)),
     "multiqa_bits_550": Variant("tiny", 550, 2e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True),
     "multiqa_bits_750": Variant("tiny", 750, 2e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True),
 }
@@ -190,29 +198,57 @@ def use_qa_rounds(rounds: int) -> None:
     mixture._qa_pairs = qa_pairs
 
 
+def use_qa_types(types: tuple) -> None:
+    """Replace the stream's QA reader with one that keeps only questions of ``types``."""
+    from unified_mm.data import mixture
+
+    read_pairs = mixture._qa_pairs
+
+    def qa_pairs(meta: dict) -> list[tuple[str, str]]:
+        kept = [qa for qa in meta.get("qa", []) if isinstance(qa, dict) and qa.get("type") in types]
+        return read_pairs({**meta, "qa": kept})
+
+    mixture._qa_pairs = qa_pairs
+
+
 def vqa_accuracy(model, builder: SequenceBuilder, codes: str, tok_hash: str, device, n: int = 500) -> dict:
     """Teacher-forced exact match (== greedy exact match) per question type on the val split."""
     rows = []
     for index, (_, image_codes, meta) in enumerate(read_precomputed(codes, "val", tok_hash, split_by_rank=False)):
         pair = random.Random(f"vqa/0/{index}").choice(meta["qa"])
-        rows.append((builder.understanding(image_codes, pair["question"], str(pair["answer"])), pair["type"]))
+        rows.append((builder.understanding(image_codes, pair["question"], str(pair["answer"])), pair["type"],
+                     yesno_template(pair["question"]) if pair["type"] == "yesno" else None))
         if len(rows) == n:
             break
     hits: dict[str, list[int]] = {}
+    by_template: dict[str, list[int]] = {}  # yes/no questions by template
     model.eval()
     with torch.no_grad():
         for start in range(0, len(rows), 100):
             chunk = rows[start: start + 100]
-            batch = collate([seq for seq, _ in chunk], builder.text_tokenizer.pad_id)
+            batch = collate([seq for seq, *_ in chunk], builder.text_tokenizer.pad_id)
             logits = model(input_ids=batch.ids.to(device), attention_mask=batch.attention_mask.to(device)).logits
             pred = logits[:, :-1, : builder.vocab.image_start].argmax(-1).cpu()  # (B, T-1)
             target = batch.labels[:, 1:]
-            for row, (_, kind) in enumerate(chunk):
+            for row, (_, kind, template) in enumerate(chunk):
                 mask = target[row] != IGNORE_INDEX
-                hits.setdefault(kind, []).append(int(torch.equal(pred[row][mask], target[row][mask])))
+                hit = int(torch.equal(pred[row][mask], target[row][mask]))
+                hits.setdefault(kind, []).append(hit)
+                if template:
+                    by_template.setdefault(template, []).append(hit)
     model.train()
     flat = [h for v in hits.values() for h in v]
-    return {"vqa_acc": sum(flat) / len(flat), **{f"vqa_{k}": sum(v) / len(v) for k, v in sorted(hits.items())}}
+    return {"vqa_acc": sum(flat) / len(flat), **{f"vqa_{k}": sum(v) / len(v) for k, v in sorted(hits.items())},
+            **{f"vqa_yesno_{k}": sum(v) / len(v) for k, v in sorted(by_template.items())}}
+
+
+def yesno_template(question: str) -> str:
+    """Which of ShapesWorld's three yes/no templates (unified_mm/data/shapesworld.py) asked it."""
+    if question.startswith("Is there an object"):
+        return "cell"  # "Is there an object in the top left?"
+    if question.startswith("Is the object"):
+        return "object_colour"  # "Is the object on the left red?"
+    return "colour_shape"  # "Is there a red circle?"
 
 
 def run_variant(name: str, args) -> dict:
@@ -225,6 +261,8 @@ def run_variant(name: str, args) -> dict:
     device = torch.device(args.device)
     if variant.qa_rounds:
         use_qa_rounds(variant.qa_rounds)
+    if variant.qa_types:
+        use_qa_types(variant.qa_types)
     text = TextTokenizer(Path(args.tokenizer) / "text_tokenizer.model")
     manifest = read_manifest(args.codes)
     # one_group: all of a patch's bits as one image id (the vocabulary regroups the stored codes)
@@ -274,6 +312,9 @@ def run_variant(name: str, args) -> dict:
             # written as it happens: a run cut short by a time limit keeps its curve so far
             with open(Path(args.out) / "budget_curve.jsonl", "a", encoding="utf-8") as handle:
                 handle.write(json.dumps({"variant": name, **point}) + "\n")
+            eta = point["seconds"] / step * (steps - step)  # stdout is the parent's result channel
+            print(f"{name}: step {step}/{steps}, {point['seconds'] / step:.2f} s/step, VQA {point['vqa_acc']:.1%}, "
+                  f"ETA {eta / 60:.0f} min", file=sys.stderr, flush=True)
     final = vqa_accuracy(model, builder, args.codes, tok_hash, device, 1000)
     # what a loss weighting costs the other tasks: held-out per-task losses on val (64 each)
     held = eval_sequences(SourceConfig(codes=args.codes, split="val"), MixtureConfig(start=mix, chat_turns=variant.chat_turns),
@@ -286,7 +327,7 @@ def run_variant(name: str, args) -> dict:
             "chat_turns": variant.chat_turns, "bit_init": variant.bit_init, "image_weight": variant.image_weight,
             "pos2d": variant.pos2d, "cpu_bf16": variant.cpu_bf16, "one_group": variant.one_group,
             "overrides": variant.overrides, "prompt_image_weight": variant.prompt_image_weight,
-            "qa_rounds": variant.qa_rounds, "hidden_loss": variant.hidden_loss,
+            "qa_rounds": variant.qa_rounds, "hidden_loss": variant.hidden_loss, "qa_types": list(variant.qa_types),
             "seconds": round(time.perf_counter() - start, 1), **final, "curve": curve}
 
 
