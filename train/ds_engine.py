@@ -71,9 +71,9 @@ YAML_OWNED_KEYS = {
     "optimizer": "optim.*",
     "scheduler": "optim.*",
 }
-TRAINER_STATE_KEY = "trainer_state"
+TRAINER_STATE_KEY = "trainer_state"  # our namespace inside DeepSpeed's client_state
 # Scripts DeepSpeed copies next to every checkpoint; they load pickles unrestricted, so we remove them.
-UNSAFE_RECOVERY_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")  # our namespace inside DeepSpeed's client_state
+UNSAFE_RECOVERY_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")
 
 
 # ---------------------------------------------------------------------------------------------
