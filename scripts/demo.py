@@ -35,9 +35,10 @@ class Step(NamedTuple):
     command: Callable[[Path], list[str]]
     report: Callable[[Path], str]
     fresh: str = ""  # a folder under --out this step rewrites whole: removed first, so reruns start clean
-    # > 0 (the unified step only): its UNIFIED_CONFIG time budget shrinks to meet --deadline,
-    # keeping this many seconds for what follows it (see unified_budget)
+    # > 0: the time_budget_s of this step's `budget_config` shrinks to meet --deadline, keeping
+    # this many seconds for what follows it (see unified_budget; the unified step only)
     deadline_reserve: float = 0.0
+    budget_config: str = ""  # the YAML (relative to ROOT) whose time_budget_s the step trains for
 
 
 def read_json(path: Path) -> dict:
@@ -184,7 +185,7 @@ STEPS = [
                               f"data.sources=[{{codes: {out / 'codes'}, split: train}}]",
                               f"data.val={{codes: {out / 'codes'}, split: val}}",
                               f"out_dir={out / 'unified'}", "resume=false"),
-         unified_report, deadline_reserve=UNIFIED_RESERVE_S),
+         unified_report, deadline_reserve=UNIFIED_RESERVE_S, budget_config=UNIFIED_CONFIG),
     Step("eval", "evaluate every task on the test split (answers, scores, sample grids)",
          lambda out: [sys.executable, "-m", "eval.run", "--model", str(out / "unified" / "export"),
                       "--tokenizer", str(out / "tokenizer_stage1" / "export"), "--data", str(out / "data"),
@@ -215,7 +216,7 @@ def run_step(step: Step, out: Path, index: int, total: int, deadline: float = 0.
         shutil.rmtree(out / step.fresh)  # eval refuses to mix answers of an earlier run into a new one
     command = step.command(out)
     if step.deadline_reserve > 0 and deadline > 0:
-        configured = config_time_budget(ROOT / UNIFIED_CONFIG)
+        configured = config_time_budget(ROOT / step.budget_config)
         budget = unified_budget(configured, deadline, elapsed, step.deadline_reserve)
         print(f"deadline {deadline:.0f} s: {elapsed:.0f} s spent, {step.deadline_reserve:.0f} s kept for what "
               f"follows -> training budget {budget:.0f} s (config {configured:.0f} s)", flush=True)

@@ -25,4 +25,6 @@ def test_budget_is_the_config_unless_the_deadline_needs_less(demo):
 def test_only_the_unified_step_is_budgeted_and_its_config_has_a_budget(demo):
     budgeted = [step.name for step in demo.STEPS if step.deadline_reserve > 0]
     assert budgeted == ["unified"]
-    assert demo.config_time_budget(ROOT / demo.UNIFIED_CONFIG) > demo.MIN_UNIFIED_BUDGET_S
+    unified = next(step for step in demo.STEPS if step.name == "unified")
+    assert unified.budget_config == demo.UNIFIED_CONFIG
+    assert demo.config_time_budget(ROOT / unified.budget_config) > demo.MIN_UNIFIED_BUDGET_S
