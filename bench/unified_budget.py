@@ -73,6 +73,9 @@ class Variant(NamedTuple):
     # non-empty: training questions are only these ShapesWorld types (e.g. ("yesno",)); the
     # evaluation still asks every type
     qa_types: tuple = ()
+    # user turns render their text before their image (<user> {question} <boi> img <eoi>), so the
+    # image ids can attend to the question: does that help the model find the object it names?
+    text_first: bool = False
 
 
 VARIANTS = {
@@ -152,6 +155,17 @@ VARIANTS = {
                               image_weight=0.25, pos2d=True, hidden_loss=True, qa_types=("yesno",)),
     "yesno_only_1200": Variant("tiny", 1200, 4e-3, {"vqa": 1.0}, chat_turns=5, max_length=224, bit_init=True,
                                image_weight=0.25, pos2d=True, hidden_loss=True, qa_types=("yesno",)),
+    # the demo's configuration for 600 steps, image first (as the demo) and question first
+    "hl_iw0.25_pos2d_600": Variant("tiny", 600, 4e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True,
+                                   image_weight=0.25, pos2d=True, hidden_loss=True),
+    "textfirst_600": Variant("tiny", 600, 4e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True,
+                             image_weight=0.25, pos2d=True, hidden_loss=True, text_first=True),
+    # does the mixture starve binding? understanding sequences only; and 8 heads of 16 dims
+    "understand_only_600": Variant("tiny", 600, 4e-3, {"vqa": 1.0, "chat": 6.0}, chat_turns=5, max_length=224,
+                                   bit_init=True, image_weight=0.25, pos2d=True, hidden_loss=True),
+    "heads8_600": Variant("tiny", 600, 4e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True,
+                          image_weight=0.25, pos2d=True, hidden_loss=True,
+                          overrides={"num_attention_heads": 8, "num_key_value_heads": 8}),
     "multiqa_bits_550": Variant("tiny", 550, 2e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True),
     "multiqa_bits_750": Variant("tiny", 750, 2e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True),
 }
@@ -168,6 +182,15 @@ class PromptImageBuilder(SequenceBuilder):
         labels = list(segment.labels)
         labels[2: 1 + span] = segment.ids[2: 1 + span]  # image ids and <eoi>; <boi> stays a prompt
         return segment._replace(labels=labels)
+
+
+class TextFirstBuilder(SequenceBuilder):
+    """Bench-only: a user turn is ``<user> text [<boi> img <eoi>]`` (the question before the image)."""
+
+    def _user(self, text_ids, image_codes):
+        segment = super()._user([], image_codes)  # <user> [<boi> img <eoi>], unlabelled
+        ids = [segment.ids[0], *text_ids, *segment.ids[1:]]
+        return segment._replace(ids=ids, labels=[IGNORE_INDEX] * len(ids))
 
 
 def prompt_image_loss(token_losses, batch, vocab, image_weight: float, prompt_image_weight: float):
@@ -217,11 +240,13 @@ def vqa_accuracy(model, builder: SequenceBuilder, codes: str, tok_hash: str, dev
     for index, (_, image_codes, meta) in enumerate(read_precomputed(codes, "val", tok_hash, split_by_rank=False)):
         pair = random.Random(f"vqa/0/{index}").choice(meta["qa"])
         rows.append((builder.understanding(image_codes, pair["question"], str(pair["answer"])), pair["type"],
-                     yesno_template(pair["question"]) if pair["type"] == "yesno" else None))
+                     yesno_template(pair["question"]) if pair["type"] == "yesno" else None,
+                     binding_group(pair["type"], meta)))
         if len(rows) == n:
             break
     hits: dict[str, list[int]] = {}
     by_template: dict[str, list[int]] = {}  # yes/no questions by template
+    by_binding: dict[str, list[int]] = {}  # questions about one named object, by objects in the image
     model.eval()
     with torch.no_grad():
         for start in range(0, len(rows), 100):
@@ -230,16 +255,28 @@ def vqa_accuracy(model, builder: SequenceBuilder, codes: str, tok_hash: str, dev
             logits = model(input_ids=batch.ids.to(device), attention_mask=batch.attention_mask.to(device)).logits
             pred = logits[:, :-1, : builder.vocab.image_start].argmax(-1).cpu()  # (B, T-1)
             target = batch.labels[:, 1:]
-            for row, (_, kind, template) in enumerate(chunk):
+            for row, (_, kind, template, binding) in enumerate(chunk):
                 mask = target[row] != IGNORE_INDEX
                 hit = int(torch.equal(pred[row][mask], target[row][mask]))
                 hits.setdefault(kind, []).append(hit)
                 if template:
                     by_template.setdefault(template, []).append(hit)
+                if binding:
+                    by_binding.setdefault(binding, []).append(hit)
     model.train()
     flat = [h for v in hits.values() for h in v]
     return {"vqa_acc": sum(flat) / len(flat), **{f"vqa_{k}": sum(v) / len(v) for k, v in sorted(hits.items())},
-            **{f"vqa_yesno_{k}": sum(v) / len(v) for k, v in sorted(by_template.items())}}
+            **{f"vqa_yesno_{k}": sum(v) / len(v) for k, v in sorted(by_template.items())},
+            **{f"vqa_named_{k}": sum(v) / len(v) for k, v in sorted(by_binding.items())}}
+
+
+def binding_group(kind: str, meta: dict) -> str | None:
+    """For colour / shape / position questions, which name one object: "1obj" when the image has
+    one object (nothing to pick), "multi" when it has several (the model must find the one named);
+    None for other types."""
+    if kind not in ("colour", "shape", "position"):
+        return None
+    return "1obj" if len(meta.get("objects", [])) == 1 else "multi"
 
 
 def yesno_template(question: str) -> str:
@@ -268,7 +305,9 @@ def run_variant(name: str, args) -> dict:
     # one_group: all of a patch's bits as one image id (the vocabulary regroups the stored codes)
     vocab = Vocab.for_tokenizers(text.vocab_size, manifest["num_bits"], manifest["group_size"], manifest["grid_size"],
                                  image_group_size=manifest["num_bits"] if variant.one_group else 0)
-    builder = SequenceBuilder(text, vocab, variant.max_length)
+    if variant.text_first and variant.prompt_image_weight > 0:
+        raise SystemExit(f"{name}: text_first and prompt_image_weight do not combine (bench builders)")
+    builder = (TextFirstBuilder if variant.text_first else SequenceBuilder)(text, vocab, variant.max_length)
     if variant.prompt_image_weight > 0:  # training sequences only: evaluation keeps the plain builder
         train_builder = PromptImageBuilder(text, vocab, variant.max_length)
     else:
@@ -328,6 +367,7 @@ def run_variant(name: str, args) -> dict:
             "pos2d": variant.pos2d, "cpu_bf16": variant.cpu_bf16, "one_group": variant.one_group,
             "overrides": variant.overrides, "prompt_image_weight": variant.prompt_image_weight,
             "qa_rounds": variant.qa_rounds, "hidden_loss": variant.hidden_loss, "qa_types": list(variant.qa_types),
+            "text_first": variant.text_first,
             "seconds": round(time.perf_counter() - start, 1), **final, "curve": curve}
 
 

@@ -52,10 +52,13 @@ def shapesworld_vqa(samples: Sequence[SWSample], per_image: str, seed: int) -> l
                  if isinstance(p, dict) and p.get("question") and p.get("answer") is not None]
         if count is not None and len(pairs) > count:
             pairs = sorted(random.Random(f"vqa/{seed}/{sample.key}").sample(pairs, count), key=lambda x: x[0])
+        # by object count too: with several objects the model must find the one a question names
+        objects = sample.meta.get("objects")
+        by_objects = {"objects": str(len(objects))} if isinstance(objects, list) else {}
         for index, pair in pairs:
             answer, kind = str(pair["answer"]), str(pair.get("type", "all"))
             questions.append(Question(f"{sample.key}/{index}", str(pair["question"]), sample.key,
-                                      [answer] * REFERENCE_COPIES, answer, {"type": kind},
+                                      [answer] * REFERENCE_COPIES, answer, {"type": kind, **by_objects},
                                       {"image": sample.key, "type": kind, "answer": answer}))
     if not questions:
         raise UserError("no ShapesWorld questions in the selected samples (metadata has no 'qa')")
