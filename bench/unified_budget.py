@@ -32,7 +32,7 @@ import torch  # noqa: E402
 
 from mmcore.text_tokenizer import TextTokenizer  # noqa: E402
 from tokenizer.export import tokenizer_hash  # noqa: E402
-from train.optim import WarmupCosine  # noqa: E402
+from train.optim import WarmupCosine, param_groups  # noqa: E402
 from unified_mm.data.mixture import MixedTaskStream, MixtureConfig, SourceConfig, eval_sequences, text_gain  # noqa: E402
 from unified_mm.quick_eval import heldout_losses  # noqa: E402
 from unified_mm.loss import modality_token_losses, modality_token_losses_from_hidden, weighted_mean_loss  # noqa: E402
@@ -319,7 +319,9 @@ def run_variant(name: str, args) -> dict:
     model_cfg = UnifiedModelConfig(preset=preset, image_embedding_init="bits" if variant.bit_init else "default",
                                    image_positions=variant.pos2d, overrides=dict(variant.overrides))
     model = build_model(model_cfg, vocab).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+    # as the trainer (train/optim.py): matrices decay, norms and other 1-D weights do not (runs
+    # before 2026-11-29 decayed every weight)
+    optimizer = torch.optim.AdamW(param_groups(model, 0.1, lr), lr=lr, betas=(0.9, 0.95))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(50, steps, 0.1))
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else torch.autocast("cpu", dtype=torch.bfloat16, enabled=variant.cpu_bf16))

@@ -278,6 +278,18 @@ def _verdict_text(judgement) -> str:
     return f"✗ saw {', '.join(found[:3]) or 'nothing'}{more}"
 
 
+def _per_tag_rows(scores: dict, attributes: tuple[str, ...]) -> list[list]:
+    """One row per (prompt tag, judged set): where whole-prompt accuracy is lost, e.g. counts."""
+    rows = []
+    for tag in sorted({t for s in scores.values() for t in s.get("per_tag_scores", {})}):
+        for name, summary in scores.items():
+            tagged = summary.get("per_tag_scores", {}).get(tag)
+            if tagged:
+                rows.append([tag, name, tagged["n"]] +
+                            [f"{100 * tagged[a]:.1f}%" if a in tagged else "n/a" for a in attributes])
+    return rows
+
+
 # t2i score key (ShapesWorld prompts only: it needs the true images' codes)
 CAPTION_GAIN = "caption_gain"
 
@@ -324,7 +336,10 @@ def text_to_image(ctx: Context) -> dict:
     rows = [[name] + [f"{100 * s[a]:.1f}%" if a in s else "n/a" for a in attributes]
             for name, s in scores.items() if name != CAPTION_GAIN]
     tables = [{"title": "per-attribute accuracy (GenEval style)", "header": ["judged images", *attributes],
-               "rows": rows}]
+               "rows": rows},
+              {"title": "by prompt kind (tag; ShapesWorld: caption kind and number of objects)",
+               "header": ["tag", "judged images", "n", *attributes],
+               "rows": _per_tag_rows(scores, attributes)}]
     shown = list(range(min(len(prompts), args.report_rows)))
     grid, verdicts, verdict_rows = [], [], []
     for i in shown:

@@ -356,3 +356,20 @@ def test_prompt_values_outside_the_world_are_refused():
         geneval.requirements_for(relative, cfg)
     with pytest.raises(UserError, match="no 'objects'"):
         geneval.prompt_from_meta({"key": "k", "captions": ["a"]}, "short")
+
+
+def test_summary_breaks_accuracy_down_by_prompt_tag():
+    """per_tag_scores: each tag's whole-prompt and attribute accuracies over its own prompts only."""
+    def judged(whole, count, position=None):
+        scores = {"colour": True, "shape": whole, "count": count, "position": position, "size": None}
+        return geneval.Judgement(scores, whole, [])
+
+    prompts = [GenEvalPrompt("a red circle", "short:1", [], []), GenEvalPrompt("a red circle", "short:1", [], []),
+               GenEvalPrompt("a red circle on the left", "long:1", [], [])]
+    judgements = [judged(True, True), judged(False, False), judged(False, True, position=False)]
+    summary = geneval.summarise(judgements, prompts)
+    assert summary["per_tag"] == {"long:1": 0.0, "short:1": 0.5}
+    assert summary["per_tag_scores"]["short:1"] == {"whole": 0.5, "colour": 1.0, "shape": 0.5, "count": 0.5, "n": 2}
+    assert summary["per_tag_scores"]["long:1"] == {"whole": 0.0, "colour": 1.0, "shape": 0.0, "count": 1.0,
+                                                   "position": 0.0, "n": 1}
+    assert summary["count"] == 2 / 3 and summary["position"] == 0.0 and "size" not in summary

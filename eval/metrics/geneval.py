@@ -174,22 +174,31 @@ def judge_image(image, prompt: GenEvalPrompt, cfg: ShapesWorldConfig | None = No
     return judge_detections(analyse(image, cfg), prompt, cfg, exact_count)
 
 
-def summarise(judgements: Sequence[Judgement], prompts: Sequence[GenEvalPrompt]) -> dict:
-    """``{"whole", "colour", "shape", "count", "position", "size", "per_tag", "num_prompts"}``:
-    accuracies in [0, 1]; an attribute no prompt names is left out."""
-    if len(judgements) != len(prompts):
-        raise ValueError(f"{len(judgements)} judgements for {len(prompts)} prompts")
-    if not judgements:
-        raise ValueError("no judgements to summarise")
+def _accuracies(judgements: Sequence[Judgement]) -> dict:
+    """Whole-prompt accuracy and each attribute's over the judgements that name it."""
     result: dict = {"whole": sum(j.whole for j in judgements) / len(judgements)}
     for name in SCORE_NAMES:
         applicable = [j.scores[name] for j in judgements if j.scores[name] is not None]
         if applicable:
             result[name] = sum(applicable) / len(applicable)
-    by_tag: dict[str, list[bool]] = defaultdict(list)
+    return result
+
+
+def summarise(judgements: Sequence[Judgement], prompts: Sequence[GenEvalPrompt]) -> dict:
+    """``{"whole", "colour", "shape", "count", "position", "size", "per_tag", "per_tag_scores",
+    "num_prompts"}``: accuracies in [0, 1]; an attribute no prompt names is left out. ``per_tag``
+    is the whole-prompt accuracy of each prompt tag (e.g. "short:1"), ``per_tag_scores`` all of
+    that tag's accuracies and its number of prompts ("n")."""
+    if len(judgements) != len(prompts):
+        raise ValueError(f"{len(judgements)} judgements for {len(prompts)} prompts")
+    if not judgements:
+        raise ValueError("no judgements to summarise")
+    result = _accuracies(judgements)
+    by_tag: dict[str, list[Judgement]] = defaultdict(list)
     for judgement, prompt in zip(judgements, prompts):
-        by_tag[prompt.tag].append(judgement.whole)
-    result["per_tag"] = {tag: sum(v) / len(v) for tag, v in sorted(by_tag.items())}
+        by_tag[prompt.tag].append(judgement)
+    result["per_tag"] = {tag: _accuracies(v)["whole"] for tag, v in sorted(by_tag.items())}
+    result["per_tag_scores"] = {tag: {**_accuracies(v), "n": len(v)} for tag, v in sorted(by_tag.items())}
     result["num_prompts"] = len(judgements)
     return result
 
