@@ -175,6 +175,12 @@ VARIANTS = {
                              hidden_loss=True),
     "one_object_first200_600": Variant("tiny", 600, 4e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True,
                                        image_weight=0.25, pos2d=True, hidden_loss=True, single_object_steps=200),
+    # understanding-only training learned less (image modelling helps reading): the prompt's image
+    # ids as targets too, at a small weight, against hl_iw0.25_pos2d_600
+    "ctximg0.05_600": Variant("tiny", 600, 4e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True,
+                              image_weight=0.25, pos2d=True, hidden_loss=True, prompt_image_weight=0.05),
+    "ctximg0.1_600": Variant("tiny", 600, 4e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True,
+                             image_weight=0.25, pos2d=True, hidden_loss=True, prompt_image_weight=0.1),
     "multiqa_bits_550": Variant("tiny", 550, 2e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True),
     "multiqa_bits_750": Variant("tiny", 750, 2e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True),
 }
