@@ -264,39 +264,38 @@ def use_qa_types(types: tuple) -> None:
 
 
 def vqa_accuracy(model, builder: SequenceBuilder, codes: str, tok_hash: str, device, n: int = 500) -> dict:
-    """Teacher-forced exact match (== greedy exact match) per question type on the val split."""
-    rows = []
+    """Teacher-forced exact match (== greedy exact match) on the val split: overall, per question
+    type, per yes/no template ("yesno_<template>") and for questions naming one object, by
+    objects in the image ("named_1obj" / "named_multi")."""
+    rows = []  # (sequence, the groups its hit counts towards)
     for index, (_, image_codes, meta) in enumerate(read_precomputed(codes, "val", tok_hash, split_by_rank=False)):
         pair = random.Random(f"vqa/0/{index}").choice(meta["qa"])
-        rows.append((builder.understanding(image_codes, pair["question"], str(pair["answer"])), pair["type"],
-                     yesno_template(pair["question"]) if pair["type"] == "yesno" else None,
-                     binding_group(pair["type"], meta)))
+        groups = [pair["type"]]
+        if pair["type"] == "yesno":
+            groups.append(f"yesno_{yesno_template(pair['question'])}")
+        if binding := binding_group(pair["type"], meta):
+            groups.append(f"named_{binding}")
+        rows.append((builder.understanding(image_codes, pair["question"], str(pair["answer"])), groups))
         if len(rows) == n:
             break
     hits: dict[str, list[int]] = {}
-    by_template: dict[str, list[int]] = {}  # yes/no questions by template
-    by_binding: dict[str, list[int]] = {}  # questions about one named object, by objects in the image
+    every: list[int] = []
     model.eval()
     with torch.no_grad():
         for start in range(0, len(rows), 100):
             chunk = rows[start: start + 100]
-            batch = collate([seq for seq, *_ in chunk], builder.text_tokenizer.pad_id)
+            batch = collate([seq for seq, _ in chunk], builder.text_tokenizer.pad_id)
             logits = model(input_ids=batch.ids.to(device), attention_mask=batch.attention_mask.to(device)).logits
             pred = logits[:, :-1, : builder.vocab.image_start].argmax(-1).cpu()  # (B, T-1)
             target = batch.labels[:, 1:]
-            for row, (_, kind, template, binding) in enumerate(chunk):
+            for row, (_, groups) in enumerate(chunk):
                 mask = target[row] != IGNORE_INDEX
                 hit = int(torch.equal(pred[row][mask], target[row][mask]))
-                hits.setdefault(kind, []).append(hit)
-                if template:
-                    by_template.setdefault(template, []).append(hit)
-                if binding:
-                    by_binding.setdefault(binding, []).append(hit)
+                every.append(hit)
+                for group in groups:
+                    hits.setdefault(group, []).append(hit)
     model.train()
-    flat = [h for v in hits.values() for h in v]
-    return {"vqa_acc": sum(flat) / len(flat), **{f"vqa_{k}": sum(v) / len(v) for k, v in sorted(hits.items())},
-            **{f"vqa_yesno_{k}": sum(v) / len(v) for k, v in sorted(by_template.items())},
-            **{f"vqa_named_{k}": sum(v) / len(v) for k, v in sorted(by_binding.items())}}
+    return {"vqa_acc": sum(every) / len(every), **{f"vqa_{k}": sum(v) / len(v) for k, v in sorted(hits.items())}}
 
 
 def binding_group(kind: str, meta: dict) -> str | None:

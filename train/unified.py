@@ -199,7 +199,8 @@ def forward_losses(engine, batch, vocab: Vocab, autocast_dtype: torch.dtype | No
     Under ZeRO 0-2 the output layer runs only at labelled positions (a conversation labels ~15 of
     ~200): the demo's 2-process steps took 6-17% less time in an A/B with the same losses
     (docs/notes/session7.md), and on a 64k-id QLIP vocabulary no (B, T, V) logits tensor is made.
-    ZeRO-3 partitions the weights and fetches them around ``engine(...)``'s forward, so there the full logits come from the engine's own forward.
+    ZeRO-3 partitions the weights and fetches them around ``engine(...)``'s forward, so there the
+    full logits come from the engine's own forward.
     """
     ids, mask = batch.ids.to(engine.device), batch.attention_mask.to(engine.device)
     labels = batch.labels.to(engine.device)
