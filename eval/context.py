@@ -33,6 +33,10 @@ from unified_mm.tokenizer_cli import read_precomputed
 from eval.metrics.geneval import world_config
 
 
+# the tasks that read ShapesWorld samples with the model's codes (Context.shapesworld)
+SHAPESWORLD_TASKS = ("vqa", "caption", "t2i")
+
+
 class SWSample(NamedTuple):
     key: str
     codes: np.ndarray     # (N, G) group indices of the model's bundled tokenizer
@@ -84,17 +88,29 @@ class Context:
         """Answer files are tied to the model by its export hash."""
         return self.unified.hash
 
+    def limit(self, task: str) -> int | None:
+        """How many samples of its source ``task`` reads: its ``--task-limit``, else ``--limit``."""
+        limits = getattr(self.args, "task_limits", {})
+        return limits[task] if task in limits else self.args.limit
+
     # -- ShapesWorld --------------------------------------------------------------------------------
     @cached_property
     def world(self) -> ShapesWorldConfig:
         source = self.args.data or self.args.codes
         return world_config(source) if source else ShapesWorldConfig()
 
+    def shapesworld_for(self, task: str) -> list[SWSample]:
+        """The first ``limit(task)`` samples of ``--split`` with their codes."""
+        return self.shapesworld[:self.limit(task)]
+
     @cached_property
     def shapesworld(self) -> list[SWSample]:
-        """The first ``--limit`` samples of ``--split`` with their codes: read from ``--codes``
-        (checked against the model's tokenizer hash) or encoded from ``--data`` shards."""
-        args, limit = self.args, self.args.limit
+        """The samples of ``--split`` that the model's tasks read (the most any of them asks for),
+        with their codes: read from ``--codes`` (checked against the model's tokenizer hash) or
+        encoded from ``--data`` shards."""
+        args = self.args
+        wanted = [self.limit(task) for task in SHAPESWORLD_TASKS]
+        limit = None if None in wanted else max(wanted)
         if args.codes:
             reader = read_precomputed(args.codes, args.split, expected_hash=self.unified.tokenizer_hash,
                                       split_by_rank=False)

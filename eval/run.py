@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--tasks", default="all", help=f"comma-separated, or 'all' (default): {','.join(TASKS)}")
     add("--out", required=True, help="output directory")
     add("--limit", type=int, help="first N samples of each task's source (default all)")
+    add("--task-limit", action="append", metavar="TASK=N", help="a different --limit for one task, "
+        "e.g. zero_shot=1000 (repeatable; N may be 'all')")
     add("--resume", action="store_true", help="continue the answer files and t2i draws in --out")
     add("--seed", type=int, default=0, help="t2i: image i uses seed + i; vqa question choice (default 0)")
     add("--batch-size", type=int, default=32, help="images / questions per forward (default 32)")
@@ -171,6 +173,7 @@ def check_args(args: argparse.Namespace) -> None:
                             f"({type(err).__name__}: {err})") from None
     if args.cfg_scales is not None:
         args.cfg_scale_list = parse_scales(args.cfg_scales)
+    args.task_limits = parse_task_limits(args.task_limit or [])
     check_device(args.device)
 
 
@@ -182,6 +185,26 @@ def parse_scales(text: str) -> list[float]:
     if not scales or any(not s >= 0 for s in scales):
         raise UserError(f"--cfg-scales must be numbers >= 0, got {text!r}")
     return list(dict.fromkeys(scales))
+
+
+def parse_task_limits(values: list[str]) -> dict[str, int | None]:
+    """``["zero_shot=1000", "t2i=all"]`` -> ``{"zero_shot": 1000, "t2i": None}`` (None: no limit)."""
+    limits = {}
+    for value in values:
+        name, sep, number = value.partition("=")
+        name, number = name.strip(), number.strip()
+        if not sep or name not in TASKS:
+            raise UserError(f"--task-limit {value!r}: expected TASK=N with TASK one of {', '.join(TASKS)}")
+        if number == "all":
+            limits[name] = None
+            continue
+        try:
+            limits[name] = int(number)
+        except ValueError:
+            raise UserError(f"--task-limit {value!r}: N must be a whole number or 'all'") from None
+        if limits[name] < 1:
+            raise UserError(f"--task-limit {value!r}: N must be >= 1")
+    return limits
 
 
 def check_out(args: argparse.Namespace, out: Path, names: list[str]) -> None:
@@ -253,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         results_tasks[name] = {"description": TASKS[name].help, "tables": [], "figures": [], "info": {}, **result}
     timings["total_s"] = time.perf_counter() - started
     tokenizer = ctx.standalone_tokenizer if args.tokenizer else None
-    config = {k: v for k, v in vars(args).items() if k != "cfg_scale_list"}
+    config = {k: v for k, v in vars(args).items() if k not in ("cfg_scale_list", "task_limit")}
     results = {
         "format": RESULTS_FORMAT, "tasks": results_tasks,
         "config": {**config, "tasks": names, "cfg_scales": getattr(ctx, "cfg_scales", None)},

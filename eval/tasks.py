@@ -132,11 +132,11 @@ def vqa(ctx: Context) -> dict:
     args = ctx.args
     if args.vqav2_questions:
         questions, source, raw_refs = sources.vqav2(args.vqav2_questions, args.vqav2_annotations, Path(args.images),
-                                                    args.limit), "VQAv2", False
+                                                    ctx.limit("vqa")), "VQAv2", False
     elif args.llava:
-        questions, source, raw_refs = sources.llava(args.llava, Path(args.images), args.limit), "LLaVA", True
+        questions, source, raw_refs = sources.llava(args.llava, Path(args.images), ctx.limit("vqa")), "LLaVA", True
     else:
-        questions = sources.shapesworld_vqa(ctx.shapesworld, args.vqa_per_image, args.seed)
+        questions = sources.shapesworld_vqa(ctx.shapesworld_for("vqa"), args.vqa_per_image, args.seed)
         source, raw_refs = f"ShapesWorld {args.split}", True
     answers, stats = answer_questions(ctx, "vqa", questions)
     scores = score_vqa(questions, answers, normalise_references=raw_refs)
@@ -162,9 +162,9 @@ def vqa(ctx: Context) -> dict:
 def caption(ctx: Context) -> dict:
     args = ctx.args
     if args.coco_captions:
-        questions, source = sources.coco_captions(args.coco_captions, Path(args.images), args.limit), "COCO"
+        questions, source = sources.coco_captions(args.coco_captions, Path(args.images), ctx.limit("caption")), "COCO"
     else:
-        questions, source = sources.shapesworld_captions(ctx.shapesworld), f"ShapesWorld {args.split}"
+        questions, source = sources.shapesworld_captions(ctx.shapesworld_for("caption")), f"ShapesWorld {args.split}"
     answers, stats = answer_questions(ctx, "caption", questions)
     scored = [q for q in questions if q.references]
     scores = caption_scores({q.qid: answers[q.qid] for q in scored}, {q.qid: q.references for q in scored})
@@ -187,7 +187,7 @@ def zero_shot(ctx: Context) -> dict:
         raise UserError(f"zero_shot needs a tokenizer with a text tower; the tokenizer {which} has none "
                         f"(a stage-2 export): pass --tokenizer with a stage-1 export")
     templates = args.zero_shot_template or list(DEFAULT_TEMPLATES)
-    metrics = evaluate_tokenizer(tok.model, tok.text_tokenizer, args.data, args.split, max_images=args.limit,
+    metrics = evaluate_tokenizer(tok.model, tok.text_tokenizer, args.data, args.split, max_images=ctx.limit("zero_shot"),
                                  batch_size=args.batch_size, progress=ctx.progress, templates=templates)
     scores = {"accuracy": metrics.get("zero_shot_acc"), "images": metrics.get("zero_shot_images", 0),
               "classes": metrics.get("zero_shot_classes"), "templates": templates,
@@ -197,17 +197,17 @@ def zero_shot(ctx: Context) -> dict:
     return {"scores": scores, "table": table, "info": {"tokenizer": which, "tokenizer_hash": tok.hash}}
 
 
-def _shapesworld_images(ctx: Context):
+def _shapesworld_images(ctx: Context, task: str):
     from unified_mm.data.shards import ShardDataset, resolve_shards
 
     return list(islice(ShardDataset(resolve_shards(ctx.args.data, ctx.args.split), split_by_rank=False),
-                       ctx.args.limit))
+                       ctx.limit(task)))
 
 
 def reconstruction(ctx: Context) -> dict:
     args = ctx.args
     tok, which = ctx.recon_tokenizer()
-    samples, world = _shapesworld_images(ctx), ctx.world
+    samples, world = _shapesworld_images(ctx, "reconstruction"), ctx.world
     size = tok.model.config.encoder.image_size
     if samples and samples[0].image.size != (size, size):
         raise UserError(f"{samples[0].shard}: images are {samples[0].image.size[0]}x{samples[0].image.size[1]}, "
@@ -298,8 +298,8 @@ def text_to_image(ctx: Context) -> dict:
     args, world = ctx.args, ctx.world
     loaded, qlip = ctx.unified, ctx.qlip
     kinds = [k.strip() for k in args.t2i_kinds.split(",") if k.strip()]
-    samples = None if args.geneval else ctx.shapesworld
-    prompts = (read_geneval_jsonl(args.geneval)[:args.limit] if args.geneval
+    samples = None if args.geneval else ctx.shapesworld_for("t2i")
+    prompts = (read_geneval_jsonl(args.geneval)[:ctx.limit("t2i")] if args.geneval
                else prompts_from_metas([s.meta for s in samples], kinds))
     for prompt in prompts:
         requirements_for(prompt, world)  # unjudgeable prompts fail before any sampling

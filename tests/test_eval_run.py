@@ -149,6 +149,20 @@ def test_bad_input_is_one_line_exit_2(env, full_run, tmp_path, capsys):
     assert "--resume" in error_line(capsys, base_args(env, full_run, "--tasks", "vqa"))
 
 
+def test_task_limit_overrides_limit_for_one_task(env, full_run, tmp_path, capsys):
+    out = tmp_path / "task_limit"
+    argv = base_args(env, out, "--tasks", "zero_shot,caption,reconstruction", "--task-limit", "caption=5",
+                     "--task-limit", "reconstruction=all")
+    assert run.main(argv) == 0
+    scores = scores_of(json.loads((out / "results.json").read_text()))
+    assert scores["caption"]["images"] == 5 and scores["reconstruction"]["images"] == 6   # 6 test images
+    assert scores["zero_shot"] == scores_of(json.loads((full_run / "results.json").read_text()))["zero_shot"]
+    for value, problem in (("vqa", "expected TASK=N"), ("ocr=3", "expected TASK=N"), ("vqa=0", ">= 1"),
+                           ("vqa=many", "whole number")):
+        err = error_line(capsys, base_args(env, tmp_path / "bad", "--task-limit", value))
+        assert f"--task-limit '{value}'" in err and problem in err
+
+
 def test_real_formats_through_the_cli(env, tmp_path):
     images = tmp_path / "images"
     images.mkdir()
