@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--zero-shot-template", action="append", help="prompt template with {colour} and {shape} "
         "(repeatable: a prompt ensemble; default 'a {colour} {shape}')")
     add("--cfg-scales", help="t2i guidance scales, e.g. 1,3 (default: 1 and the export's cfg_scale)")
+    add("--temperature", type=float, help="t2i sampling temperature, 0 = argmax (default: the export's)")
+    add("--top-k", type=int, help="t2i: keep the k most likely ids per group, 0 = off (default: the export's)")
+    add("--top-p", type=float, help="t2i: nucleus mass to keep, in (0, 1] (default: the export's)")
     add("--t2i-samples", type=int, default=1, help="images per prompt and scale (default 1)")
     add("--t2i-kinds", default="short,long", help="ShapesWorld caption kinds used as prompts (default short,long)")
     add("--fid-network", help="feature network for FID (directory with config.json + model.safetensors, "

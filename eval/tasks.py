@@ -308,7 +308,9 @@ def text_to_image(ctx: Context) -> dict:
     texts = [p.prompt for p in prompts]
     scores, judged, records, table, reused = {}, {}, [], [], []
     for scale in ctx.cfg_scales:
-        settings = SamplerSettings.from_defaults(loaded.sampler_defaults, cfg_scale=scale, seed=args.seed)
+        settings = SamplerSettings.from_defaults(loaded.sampler_defaults, cfg_scale=scale, seed=args.seed,
+                                                 temperature=args.temperature, top_k=args.top_k,
+                                                 top_p=args.top_p)
         codes, was_reused = _sample_codes(ctx, texts, n, settings)
         reused += [scale] if was_reused else []
         images = [pixels_to_uint8(p) for p in decode_to_pixels(qlip.model, codes)]

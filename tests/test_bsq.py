@@ -115,11 +115,11 @@ def test_quantized_is_unit_norm_code_even_with_zeros():
     q, bits = quantize(u)
     assert torch.all(q.abs() == 1 / math.sqrt(L))
     assert torch.allclose(q.norm(dim=-1), torch.ones(64), atol=1e-6, rtol=0)
-    assert torch.all(q[0] > 0) and torch.all(bits[0])  # sign(0) = +1, bit 1
-    assert torch.all(bits[2, 1::2])  # -0.0 counts as >= 0
+    assert torch.all(q[0] < 0) and not torch.any(bits[0])  # sign(0) = -1, bit 0 (as the released code)
+    assert not torch.any(bits[2, 1::2])  # so does -0.0
     assert torch.equal(q, bits_to_quantized(bits))  # forward value is exactly the code
     assert torch.equal(q, indices_to_quantized(bits_to_indices(bits), L))
-    assert torch.equal(bits, u >= 0)
+    assert torch.equal(bits, u > 0)
 
 
 def test_straight_through_gradient_is_identity():

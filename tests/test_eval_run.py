@@ -149,13 +149,17 @@ def test_bad_input_is_one_line_exit_2(env, full_run, tmp_path, capsys):
     assert "--resume" in error_line(capsys, base_args(env, full_run, "--tasks", "vqa"))
 
 
-def test_task_limit_overrides_limit_for_one_task(env, full_run, tmp_path, capsys):
+def test_task_limit_and_sampler_flags(env, full_run, tmp_path, capsys):
     out = tmp_path / "task_limit"
-    argv = base_args(env, out, "--tasks", "zero_shot,caption,reconstruction", "--task-limit", "caption=5",
-                     "--task-limit", "reconstruction=all")
+    argv = base_args(env, out, "--tasks", "zero_shot,caption,reconstruction,t2i", "--task-limit", "caption=5",
+                     "--task-limit", "reconstruction=all", "--task-limit", "t2i=1", "--temperature", "0.5",
+                     "--top-k", "3")
     assert run.main(argv) == 0
     scores = scores_of(json.loads((out / "results.json").read_text()))
     assert scores["caption"]["images"] == 5 and scores["reconstruction"]["images"] == 6   # 6 test images
+    assert scores["t2i"]["cfg_3"]["num_prompts"] == 2     # one image's short and long caption
+    settings = scores["t2i"]["cfg_3"]["settings"]
+    assert (settings["temperature"], settings["top_k"], settings["top_p"]) == (0.5, 3, 1.0)
     assert scores["zero_shot"] == scores_of(json.loads((full_run / "results.json").read_text()))["zero_shot"]
     for value, problem in (("vqa", "expected TASK=N"), ("ocr=3", "expected TASK=N"), ("vqa=0", ">= 1"),
                            ("vqa=many", "whole number")):

@@ -8,7 +8,8 @@ codebook losses. Gradients pass straight through (identity w.r.t. ``u``).
 
 Conventions (shared with the released checkpoints, fixed here for everything downstream):
 
-* ``sign(0) = +1`` and ``bit = 1  <=>  u >= 0``, so bits and ``û`` always agree and ``‖û‖ = 1``.
+* ``bit = 1  <=>  u > 0`` (so ``sign(0) = -1``, as the released ``bsq.py``'s ``torch.where(z > 0,
+  1, -1)``); bits and ``û`` always agree and ``‖û‖ = 1``.
 * Code indices are MSB-first: channel 0 is the most significant bit; ``[1, 0, 0] -> 4``.
   The ``L`` bits split into ``G = L / g`` contiguous groups, each indexed MSB-first in
   ``[0, 2**g)``; group 0 holds the most significant bits of the full index.
@@ -92,7 +93,7 @@ class BSQOutput(NamedTuple):
     """Result of :meth:`BSQuantizer.forward` for input ``u`` of shape ``(..., L)``."""
 
     quantized: torch.Tensor  # (..., L) u.dtype, ±1/sqrt(L), straight-through gradient to u
-    bits: torch.Tensor  # (..., L) bool, bit i = (u_i >= 0), channel 0 = MSB
+    bits: torch.Tensor  # (..., L) bool, bit i = (u_i > 0), channel 0 = MSB
     group_indices: torch.Tensor  # (..., G) int64 in [0, 2**g), MSB-first within each group
     loss: torch.Tensor  # () float32: entropy_weight*(per_sample - γ*codebook) + β*commit
     per_sample_entropy: torch.Tensor  # () float32 nats, mean over tokens of Σ_groups H(q_group)
@@ -196,7 +197,7 @@ def quantize(unit_vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     The forward value is exactly the code vector: ``code + (u - u.detach())`` adds an exact zero
     (``x - x == 0``), unlike ``u + (code - u).detach()`` which rounds; its gradient is the identity.
     """
-    bits = unit_vectors >= 0  # sign(0) = +1, so the code never has a zero entry
+    bits = unit_vectors > 0  # sign(0) = -1 (the released code's rule); the code has no zero entry
     code = bits_to_quantized(bits, unit_vectors.dtype)
     return code + (unit_vectors - unit_vectors.detach()), bits
 
