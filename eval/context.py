@@ -46,8 +46,9 @@ class SWSample(NamedTuple):
 class Context:
     """Resources of one evaluation run; everything is loaded on first use."""
 
-    def __init__(self, args: argparse.Namespace, out: Path):
+    def __init__(self, args: argparse.Namespace, out: Path, tasks: Sequence[str] | None = None):
         self.args, self.out = args, out
+        self.tasks = list(tasks) if tasks is not None else None  # None: any task may run
         self.progress = not args.quiet
         self._file_codes: dict[Path, np.ndarray] = {}
 
@@ -105,12 +106,12 @@ class Context:
 
     @cached_property
     def shapesworld(self) -> list[SWSample]:
-        """The samples of ``--split`` that the model's tasks read (the most any of them asks for),
-        with their codes: read from ``--codes`` (checked against the model's tokenizer hash) or
-        encoded from ``--data`` shards."""
+        """The samples of ``--split`` that this run's model tasks read (the most any of them asks
+        for), with their codes: read from ``--codes`` (checked against the model's tokenizer hash)
+        or encoded from ``--data`` shards."""
         args = self.args
-        wanted = [self.limit(task) for task in SHAPESWORLD_TASKS]
-        limit = None if None in wanted else max(wanted)
+        wanted = [self.limit(task) for task in SHAPESWORLD_TASKS if self.tasks is None or task in self.tasks]
+        limit = args.limit if not wanted else None if None in wanted else max(wanted)
         if args.codes:
             reader = read_precomputed(args.codes, args.split, expected_hash=self.unified.tokenizer_hash,
                                       split_by_rank=False)

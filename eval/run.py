@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--out {out} is a file; give a directory")
     check_out(args, out, names)
     out.mkdir(parents=True, exist_ok=True)
-    ctx = Context(args, out)
+    ctx = Context(args, out, names)
     if "t2i" in names:
         ctx.cfg_scales = getattr(args, "cfg_scale_list", None) or list(
             dict.fromkeys([1.0, float(ctx.unified.sampler_defaults["cfg_scale"])]))

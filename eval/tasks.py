@@ -187,8 +187,9 @@ def zero_shot(ctx: Context) -> dict:
         raise UserError(f"zero_shot needs a tokenizer with a text tower; the tokenizer {which} has none "
                         f"(a stage-2 export): pass --tokenizer with a stage-1 export")
     templates = args.zero_shot_template or list(DEFAULT_TEMPLATES)
-    metrics = evaluate_tokenizer(tok.model, tok.text_tokenizer, args.data, args.split, max_images=ctx.limit("zero_shot"),
-                                 batch_size=args.batch_size, progress=ctx.progress, templates=templates)
+    metrics = evaluate_tokenizer(tok.model, tok.text_tokenizer, args.data, args.split,
+                                 max_images=ctx.limit("zero_shot"), batch_size=args.batch_size,
+                                 progress=ctx.progress, templates=templates)
     scores = {"accuracy": metrics.get("zero_shot_acc"), "images": metrics.get("zero_shot_images", 0),
               "classes": metrics.get("zero_shot_classes"), "templates": templates,
               "code_entropy_fraction": metrics["code_entropy_fraction"]}
