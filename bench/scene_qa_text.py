@@ -32,6 +32,7 @@ import torch  # noqa: E402
 
 from mmcore.text_tokenizer import TextTokenizer  # noqa: E402
 from train.optim import WarmupCosine, param_groups  # noqa: E402
+from unified_mm.generate import greedy_text  # noqa: E402
 from unified_mm.loss import modality_token_losses, weighted_mean_loss  # noqa: E402
 from unified_mm.model import UnifiedModelConfig, build_model  # noqa: E402
 from unified_mm.sequence import SequenceBuilder, Turn, collate  # noqa: E402
@@ -46,26 +47,19 @@ def prompt_text(meta: dict, question: str, question_first: bool) -> str:
     return f"{question} {scene}." if question_first else f"{scene}. {question}"
 
 
-def greedy_answer(model, prompt_ids: list[int], text: TextTokenizer, max_new: int = 4) -> str:
-    """Greedy decoding over text pieces and specials (no image ids), until a special token (the
-    end of the turn) or ``max_new`` pieces."""
-    answer: list[int] = []
-    with torch.no_grad():
-        for _ in range(max_new):
-            token = int(model(torch.tensor([prompt_ids + answer])).logits[0, -1, :text.vocab_size].argmax())
-            if token >= text.n_text:
-                break
-            answer.append(token)
-    return text.decode(answer).strip()
-
-
 def evaluate(model, samples, builder: SequenceBuilder, text: TextTokenizer, question_first: bool) -> dict:
     model.eval()
     tally = collections.defaultdict(lambda: [0, 0])
-    for meta in samples:
-        for qa in meta["qa"]:
-            ids = builder.chat_prompt([Turn("user", prompt_text(meta, qa["question"], question_first), None)])
-            correct = greedy_answer(model, ids, text) == str(qa["answer"])
+    items = [(meta, qa) for meta in samples for qa in meta["qa"]]
+    for start in range(0, len(items), 64):
+        chunk = items[start:start + 64]
+        prompts = [builder.chat_prompt([Turn("user", prompt_text(meta, qa["question"], question_first), None)])
+                   for meta, qa in chunk]
+        with torch.no_grad():
+            answers = greedy_text(model, builder.vocab, prompts, pad_id=text.pad_id, eos_id=text.eos_id,
+                                  max_new_tokens=4)
+        for (meta, qa), answer in zip(chunk, answers):
+            correct = text.decode(answer).strip() == str(qa["answer"])
             group = "1obj" if len(meta["objects"]) == 1 else "multi"
             for key in ("all", f"{qa['type']}/{group}"):
                 tally[key][0] += correct

@@ -65,17 +65,21 @@ class Exploit:
 def test_checkpoint_loading_refuses_pickled_code(tmp_path):
     import torch
 
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
     from train import ds_engine
     path = tmp_path / "evil.pt"
     with open(path, "wb") as handle:
         pickle.dump({"x": Exploit()}, handle, protocol=2)
+    # DeepSpeed's own checkpoint reader, which calls torch.load(..., weights_only=False): the block
+    # must override that
+    engine = TorchCheckpointEngine()
     with ds_engine.weights_only_loading():
         with pytest.raises(pickle.UnpicklingError):
-            # exactly what DeepSpeed does (weights_only=False): the block must override it
-            torch.load(path, weights_only=False)
+            engine.load(str(path), map_location="cpu")
     assert torch.load is not None and "safe_load" not in torch.load.__name__  # restored afterwards
     with ds_engine.weights_only_loading():
-        assert torch.load(_tensor_file(tmp_path), weights_only=False)["w"].shape == (2,)  # tensors still load
+        assert engine.load(str(_tensor_file(tmp_path)), map_location="cpu")["w"].shape == (2,)  # tensors still load
 
 
 def _tensor_file(tmp_path: Path) -> Path:
