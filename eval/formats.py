@@ -1,5 +1,5 @@
-"""Real benchmark formats: readers for VQAv2, COCO captions, GenEval prompt lists and LLaVA data,
-and LLaVA's answer-file JSONL with a resumable writer.
+"""Real benchmark formats: readers for VQAv2, COCO captions, GenEval prompt lists and LLaVA data
+(LLaVA answer files are :mod:`eval.answer_file`; the JSON checks, :mod:`eval.json_fields`).
 
 Every reader validates what it uses and raises :class:`mmcore.errors.UserError` naming the file
 and the field (``vqa_q.json: questions[3].question_id: expected an integer or string, got
@@ -21,102 +21,22 @@ Formats (as published by each benchmark):
 * **LLaVA** instruction data: a JSON list of ``{"id", "image"?, "conversations": [{"from":
   "human"|"gpt", "value"}]}``, and LLaVA's evaluation question files, JSONL ``{"question_id",
   "image"?, "text", ...}``; image paths are relative to an image folder and may not leave it.
-* **LLaVA answer files**, JSONL ``{"question_id", "prompt", "text", "answer_id", "model_id",
-  "metadata"}``, written by :class:`AnswerWriter`, which resumes an interrupted file.
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import logging
 import os
 from pathlib import Path, PurePosixPath
-from typing import Any, Hashable, Iterable, Iterator, NamedTuple
+from typing import Any, Iterable, NamedTuple
 
+from eval.json_fields import (id_field, iter_jsonl, json_object, list_field, load_json_file,
+                              positive_int_field, string_field, type_name)
 from mmcore.errors import UserError
-from mmcore.io import atomic_write_text, read_json
+from mmcore.io import atomic_write_text
 
-log = logging.getLogger(__name__)
 
-ANSWER_FIELDS = ("question_id", "prompt", "text", "answer_id", "model_id", "metadata")
 GENEVAL_ITEM_FIELDS = {"class", "count", "color", "position", "size"}
 GENEVAL_ALIASES = {"shape": "class", "colour": "color"}   # ShapesWorld spelling -> GenEval's
-
-
-# ---------------------------------------------------------------------------------------------
-# Validation helpers
-# ---------------------------------------------------------------------------------------------
-
-def _type_name(value: Any) -> str:
-    return "null" if value is None else type(value).__name__
-
-
-def load_json_file(path: str | Path, what: str) -> Any:
-    """Parsed JSON of ``path``; a missing file or invalid JSON is a UserError naming it."""
-    return read_json(path, what)
-
-
-def iter_jsonl(path: str | Path, what: str) -> Iterator[tuple[int, Any]]:
-    """``(line number, parsed object)`` for every non-blank line of a JSONL file."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{what} not found: {path}")
-    try:
-        with open(path, encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    yield number, json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise UserError(f"{path}:{number}: invalid JSON ({err.msg})") from err
-                except RecursionError:
-                    raise UserError(f"{path}:{number}: invalid JSON (nested too deeply)") from None
-    except UnicodeDecodeError as err:  # raised by the line iterator
-        raise UserError(f"{path}: not UTF-8 text ({err})") from None
-
-
-def _object(value: Any, where: str) -> dict:
-    if not isinstance(value, dict):
-        raise UserError(f"{where}: expected a JSON object, got {_type_name(value)}")
-    return value
-
-
-def _list(container: dict, key: str, where: str) -> list:
-    if key not in container:
-        raise UserError(f"{where}: missing field {key!r}")
-    value = container[key]
-    if not isinstance(value, list):
-        raise UserError(f"{where}.{key}: expected a list, got {_type_name(value)}")
-    return value
-
-
-def _string(container: dict, key: str, where: str, optional: bool = False) -> str | None:
-    if key not in container or (optional and container[key] is None):
-        if optional:
-            return None
-        raise UserError(f"{where}: missing field {key!r}")
-    value = container[key]
-    if not isinstance(value, str):
-        raise UserError(f"{where}.{key}: expected a string, got {_type_name(value)}")
-    return value
-
-
-def _identifier(container: dict, key: str, where: str) -> int | str:
-    """An id field: an integer or a string (never a bool, float or null)."""
-    if key not in container:
-        raise UserError(f"{where}: missing field {key!r}")
-    value = container[key]
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise UserError(f"{where}.{key}: expected an integer or string, got {_type_name(value)}")
-    return value
-
-
-def _positive_int(container: dict, key: str, where: str) -> int:
-    value = container.get(key)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UserError(f"{where}.{key}: expected a positive integer, got {value!r}")
-    return value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,38 +60,39 @@ def coco_image_filename(image_id: int, data_subtype: str) -> str:
 
 
 def _read_vqa_annotations(path: str | Path) -> dict:
-    data = _object(load_json_file(path, "VQAv2 annotation file"), str(path))
+    data = json_object(load_json_file(path, "VQAv2 annotation file"), str(path))
     annotations = {}
-    for index, item in enumerate(_list(data, "annotations", str(path))):
+    for index, item in enumerate(list_field(data, "annotations", str(path))):
         where = f"{path}: annotations[{index}]"
-        item = _object(item, where)
-        qid = _identifier(item, "question_id", where)
+        item = json_object(item, where)
+        qid = id_field(item, "question_id", where)
         if qid in annotations:
             raise UserError(f"{where}.question_id: duplicate question id {qid!r}")
         answers = []
-        for j, answer in enumerate(_list(item, "answers", where)):
-            answers.append(_string(_object(answer, f"{where}.answers[{j}]"), "answer", f"{where}.answers[{j}]"))
+        for j, answer in enumerate(list_field(item, "answers", where)):
+            answer_where = f"{where}.answers[{j}]"
+            answers.append(string_field(json_object(answer, answer_where), "answer", answer_where))
         if not answers:
             raise UserError(f"{where}.answers: no answers")
-        annotations[qid] = (_identifier(item, "image_id", where), answers,
-                            _string(item, "multiple_choice_answer", where, optional=True),
-                            _string(item, "answer_type", where, optional=True),
-                            _string(item, "question_type", where, optional=True))
+        annotations[qid] = (id_field(item, "image_id", where), answers,
+                            string_field(item, "multiple_choice_answer", where, optional=True),
+                            string_field(item, "answer_type", where, optional=True),
+                            string_field(item, "question_type", where, optional=True))
     return annotations
 
 
 def read_vqav2(questions_path: str | Path, annotations_path: str | Path | None = None) -> list[VQAQuestion]:
     """VQAv2 questions, joined with their annotations when an annotation file is given (the two
     must cover the same question ids with the same image ids)."""
-    data = _object(load_json_file(questions_path, "VQAv2 question file"), str(questions_path))
-    subtype = _string(data, "data_subtype", str(questions_path), optional=True)
+    data = json_object(load_json_file(questions_path, "VQAv2 question file"), str(questions_path))
+    subtype = string_field(data, "data_subtype", str(questions_path), optional=True)
     annotations = _read_vqa_annotations(annotations_path) if annotations_path is not None else None
     questions, seen = [], set()
-    for index, item in enumerate(_list(data, "questions", str(questions_path))):
+    for index, item in enumerate(list_field(data, "questions", str(questions_path))):
         where = f"{questions_path}: questions[{index}]"
-        item = _object(item, where)
-        qid = _identifier(item, "question_id", where)
-        image_id = _identifier(item, "image_id", where)
+        item = json_object(item, where)
+        qid = id_field(item, "question_id", where)
+        image_id = id_field(item, "image_id", where)
         if qid in seen:
             raise UserError(f"{where}.question_id: duplicate question id {qid!r}")
         seen.add(qid)
@@ -184,7 +105,7 @@ def read_vqav2(questions_path: str | Path, annotations_path: str | Path | None =
             if annotated_image != image_id:
                 raise UserError(f"{annotations_path}: question {qid!r} has image_id {annotated_image!r}, "
                                 f"but {questions_path} says {image_id!r}")
-        questions.append(VQAQuestion(qid, image_id, _string(item, "question", where), image_file, *extra))
+        questions.append(VQAQuestion(qid, image_id, string_field(item, "question", where), image_file, *extra))
     if annotations is not None and len(annotations) != len(seen):
         extra_ids = [qid for qid in annotations if qid not in seen]
         raise UserError(f"{annotations_path}: annotation for question {extra_ids[0]!r}, which is not in "
@@ -204,23 +125,23 @@ class CocoImage(NamedTuple):
 
 def read_coco_captions(path: str | Path) -> list[CocoImage]:
     """Images of a COCO caption file with all their reference captions, in file order."""
-    data = _object(load_json_file(path, "COCO caption file"), str(path))
+    data = json_object(load_json_file(path, "COCO caption file"), str(path))
     images: dict = {}
-    for index, item in enumerate(_list(data, "images", str(path))):
+    for index, item in enumerate(list_field(data, "images", str(path))):
         where = f"{path}: images[{index}]"
-        item = _object(item, where)
-        image_id = _identifier(item, "id", where)
+        item = json_object(item, where)
+        image_id = id_field(item, "id", where)
         if image_id in images:
             raise UserError(f"{where}.id: duplicate image id {image_id!r}")
-        images[image_id] = CocoImage(image_id, _string(item, "file_name", where), [])
+        images[image_id] = CocoImage(image_id, string_field(item, "file_name", where), [])
     if "annotations" in data:
-        for index, item in enumerate(_list(data, "annotations", str(path))):
+        for index, item in enumerate(list_field(data, "annotations", str(path))):
             where = f"{path}: annotations[{index}]"
-            item = _object(item, where)
-            image_id = _identifier(item, "image_id", where)
+            item = json_object(item, where)
+            image_id = id_field(item, "image_id", where)
             if image_id not in images:
                 raise UserError(f"{where}.image_id: image {image_id!r} is not listed in 'images'")
-            images[image_id].captions.append(_string(item, "caption", where).strip())
+            images[image_id].captions.append(string_field(item, "caption", where).strip())
     return list(images.values())
 
 
@@ -245,7 +166,7 @@ class GenEvalPrompt(NamedTuple):
 
 
 def _geneval_item(raw: Any, where: str) -> dict:
-    raw = _object(raw, where)
+    raw = json_object(raw, where)
     item = {}
     for name, value in raw.items():
         canonical = GENEVAL_ALIASES.get(name, name)
@@ -255,10 +176,10 @@ def _geneval_item(raw: Any, where: str) -> dict:
         if canonical in item:
             raise UserError(f"{where}: field {canonical!r} given twice (as {name!r})")
         item[canonical] = value
-    _string(item, "class", where)
-    item["count"] = _positive_int(item, "count", where) if "count" in item else 1
+    string_field(item, "class", where)
+    item["count"] = positive_int_field(item, "count", where) if "count" in item else 1
     for name in ("color", "size"):
-        _string(item, name, where, optional=True)
+        string_field(item, name, where, optional=True)
     if "position" in item:
         position = item["position"]
         relative = (isinstance(position, list) and len(position) == 2 and isinstance(position[0], str)
@@ -271,14 +192,15 @@ def _geneval_item(raw: Any, where: str) -> dict:
 
 def parse_geneval_record(raw: Any, where: str) -> GenEvalPrompt:
     """One GenEval prompt record (see the module docstring), validated."""
-    raw = _object(raw, where)
-    include = [_geneval_item(x, f"{where}.include[{i}]") for i, x in enumerate(_list(raw, "include", where))]
+    raw = json_object(raw, where)
+    include = [_geneval_item(x, f"{where}.include[{i}]") for i, x in enumerate(list_field(raw, "include", where))]
     if not include:
         raise UserError(f"{where}.include: empty; a prompt must ask for at least one object")
-    exclude = ([_geneval_item(x, f"{where}.exclude[{i}]") for i, x in enumerate(_list(raw, "exclude", where))]
+    exclude = ([_geneval_item(x, f"{where}.exclude[{i}]") for i, x in enumerate(list_field(raw, "exclude", where))]
                if "exclude" in raw else [])
-    return GenEvalPrompt(prompt=_string(raw, "prompt", where), tag=_string(raw, "tag", where, optional=True) or "",
-                         include=include, exclude=exclude, key=_string(raw, "key", where, optional=True))
+    return GenEvalPrompt(prompt=string_field(raw, "prompt", where),
+                         tag=string_field(raw, "tag", where, optional=True) or "",
+                         include=include, exclude=exclude, key=string_field(raw, "key", where, optional=True))
 
 
 def read_geneval_jsonl(path: str | Path) -> list[GenEvalPrompt]:
@@ -346,22 +268,22 @@ def read_llava_json(path: str | Path, image_root: str | Path, check_images: bool
     _check_image_root(image_root)
     data = load_json_file(path, "LLaVA data file")
     if not isinstance(data, list):
-        raise UserError(f"{path}: expected a JSON list of samples, got {_type_name(data)}")
+        raise UserError(f"{path}: expected a JSON list of samples, got {type_name(data)}")
     samples = []
     for index, item in enumerate(data):
         where = f"{path}: [{index}]"
-        item = _object(item, where)
+        item = json_object(item, where)
         turns = []
-        for j, turn in enumerate(_list(item, "conversations", where)):
+        for j, turn in enumerate(list_field(item, "conversations", where)):
             turn_where = f"{where}.conversations[{j}]"
-            turn = _object(turn, turn_where)
-            speaker = _string(turn, "from", turn_where)
+            turn = json_object(turn, turn_where)
+            speaker = string_field(turn, "from", turn_where)
             if speaker not in ("human", "gpt"):
                 raise UserError(f"{turn_where}.from: expected 'human' or 'gpt', got {speaker!r}")
-            turns.append((speaker, _string(turn, "value", turn_where)))
+            turns.append((speaker, string_field(turn, "value", turn_where)))
         if not turns:
             raise UserError(f"{where}.conversations: empty")
-        samples.append(LlavaSample(_identifier(item, "id", where) if "id" in item else index,
+        samples.append(LlavaSample(id_field(item, "id", where) if "id" in item else index,
                                    _images_field(item, image_root, where, check_images), turns))
     return samples
 
@@ -380,140 +302,12 @@ def read_llava_questions(path: str | Path, image_root: str | Path,
     questions, seen = [], set()
     for line, raw in iter_jsonl(path, "LLaVA question file"):
         where = f"{path}:{line}"
-        raw = _object(raw, where)
-        qid = _identifier(raw, "question_id", where)
+        raw = json_object(raw, where)
+        qid = id_field(raw, "question_id", where)
         if qid in seen:
             raise UserError(f"{where}.question_id: duplicate question id {qid!r}")
         seen.add(qid)
         extra = {k: v for k, v in raw.items() if k not in ("question_id", "image", "text")}
         questions.append(LlavaQuestion(qid, _images_field(raw, image_root, where, check_images),
-                                       _string(raw, "text", where), extra))
+                                       string_field(raw, "text", where), extra))
     return questions
-
-
-# ---------------------------------------------------------------------------------------------
-# LLaVA answer files
-# ---------------------------------------------------------------------------------------------
-
-def answer_id_for(model_id: str, question_id: int | str) -> str:
-    """Deterministic answer id (LLaVA uses a random shortuuid; a derived one keeps a resumed file
-    identical to an uninterrupted one)."""
-    digest = hashlib.sha256(json.dumps([model_id, question_id]).encode("utf-8")).hexdigest()
-    return digest[:22]
-
-
-def parse_answer_record(raw: Any, where: str) -> dict:
-    """One answer line, validated: all six LLaVA fields with the right types."""
-    raw = _object(raw, where)
-    _identifier(raw, "question_id", where)
-    for name in ("prompt", "text", "answer_id", "model_id"):
-        _string(raw, name, where)
-    if not isinstance(raw.get("metadata"), dict):
-        raise UserError(f"{where}.metadata: expected a JSON object, got {_type_name(raw.get('metadata'))}")
-    return raw
-
-
-def read_answer_file(path: str | Path) -> list[dict]:
-    """Every record of a complete LLaVA answer file."""
-    return [parse_answer_record(raw, f"{path}:{line}") for line, raw in iter_jsonl(path, "answer file")]
-
-
-class AnswerWriter:
-    """Append-only LLaVA answer file that survives interruption.
-
-    Each :meth:`write` appends one line and flushes + fsyncs it, so a stop loses at most the line
-    being written. Opening an existing file reads its complete lines, drops a torn last line (no
-    trailing newline: the write that was cut off), and remembers the finished question ids;
-    :meth:`is_done` tells the caller what to skip. Writing the remaining answers in the same order
-    therefore gives the same bytes as an uninterrupted run. A file written for another
-    ``model_id`` is refused, and so is a second writer on the same file (an exclusive lock).
-    """
-
-    def __init__(self, path: str | Path, model_id: str):
-        if not model_id:
-            raise ValueError("model_id must be a non-empty string")
-        self.path, self.model_id = Path(path), model_id
-        self.done: set = set()
-        self.resumed = 0                        # answers found on disk when opened
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._handle = open(self.path, "a+b")
-        try:
-            self._lock()
-            self._load_existing()
-        except BaseException:
-            self._handle.close()
-            raise
-
-    def _lock(self) -> None:
-        try:
-            import fcntl
-        except ImportError:  # not POSIX: no lock, the rest still holds
-            return
-        try:
-            fcntl.flock(self._handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as err:
-            raise UserError(f"answer file {self.path} is being written by another process") from err
-
-    def _load_existing(self) -> None:
-        """Read the finished answers; drop a torn last line only once the file is known to be
-        this model's (another model's file is refused untouched)."""
-        self._handle.seek(0)
-        data = self._handle.read()
-        complete = data[:data.rfind(b"\n") + 1]
-        try:
-            text = complete.decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise UserError(f"{self.path}: not UTF-8 text ({err}); the answer file is corrupt") from err
-        for number, line in enumerate(text.split("\n")[:-1], start=1):
-            if not line.strip():
-                continue
-            where = f"{self.path}:{number}"
-            try:
-                record = parse_answer_record(json.loads(line), where)
-            except json.JSONDecodeError as err:
-                raise UserError(f"{where}: invalid JSON ({err.msg}); the answer file is corrupt") from err
-            except RecursionError:
-                raise UserError(f"{where}: invalid JSON (nested too deeply); the answer file is corrupt") from None
-            if record["model_id"] != self.model_id:
-                raise UserError(f"answer file from another model: {where} has model_id "
-                                f"{record['model_id']!r}, this run's model is {self.model_id!r}; "
-                                f"choose another answers path or remove the file")
-            if record["question_id"] in self.done:
-                raise UserError(f"{where}: question {record['question_id']!r} is answered twice")
-            self.done.add(record["question_id"])
-        self.resumed = len(self.done)
-        if len(complete) < len(data):
-            log.warning("%s: dropping a torn last line (%d bytes) left by an interrupted run",
-                        self.path, len(data) - len(complete))
-            self._handle.truncate(len(complete))
-            self._sync()
-
-    def is_done(self, question_id: Hashable) -> bool:
-        return question_id in self.done
-
-    def write(self, question_id: int | str, prompt: str, text: str, metadata: dict | None = None) -> dict:
-        """Append one finished answer (flushed and fsynced) and return its record."""
-        if question_id in self.done:
-            raise ValueError(f"question {question_id!r} is already answered in {self.path}")
-        record = {"question_id": question_id, "prompt": prompt, "text": text,
-                  "answer_id": answer_id_for(self.model_id, question_id), "model_id": self.model_id,
-                  "metadata": metadata or {}}
-        parse_answer_record(record, f"answer to question {question_id!r}")
-        self._handle.write((json.dumps(record) + "\n").encode("utf-8"))
-        self._sync()
-        self.done.add(question_id)
-        return record
-
-    def _sync(self) -> None:
-        self._handle.flush()
-        os.fsync(self._handle.fileno())
-
-    def close(self) -> None:
-        if not self._handle.closed:
-            self._handle.close()
-
-    def __enter__(self) -> "AnswerWriter":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

@@ -35,8 +35,8 @@ from unified_mm.export import read_unified_header, unified_hash
 from unified_mm.sample_cli import Parser, check_device
 
 from eval import tasks
+from eval.answer_file import AnswerWriter
 from eval.context import Context
-from eval.formats import AnswerWriter
 from eval.report import format_value, write_report
 
 RESULTS_FORMAT = "qlip-eval/1"

@@ -3,7 +3,7 @@
 ``info`` (counts, sources, files), ``tables`` / ``figures`` (detail for the report).
 
 Answer-generating tasks (VQA, captioning) write LLaVA answer files (``answers/{task}.jsonl``) with
-:class:`eval.formats.AnswerWriter` and score what the file holds. Questions are answered in fixed
+:class:`eval.answer_file.AnswerWriter` and score what the file holds. Questions are answered in fixed
 chunks of ``--batch-size`` (slices of the full question list): a resumed run skips every finished
 chunk and recomputes a partly finished one whole, writing only its missing answers, so each
 answer is computed in exactly the batch (same padding, same arithmetic) it would have been in
@@ -31,8 +31,9 @@ from unified_mm.sequence import Turn
 from unified_mm.tokenizer_eval import DEFAULT_TEMPLATES, evaluate_tokenizer
 
 from eval import sources
+from eval.answer_file import AnswerWriter, read_answer_file
 from eval.context import Context
-from eval.formats import AnswerWriter, read_answer_file, read_geneval_jsonl
+from eval.formats import read_geneval_jsonl
 from eval.metrics.caption import caption_scores
 from eval.metrics.geneval import (evaluate_images, prompts_from_metas, reference_accuracy, reference_render,
                                   requirements_for)
@@ -192,8 +193,11 @@ def zero_shot(ctx: Context) -> dict:
                                  progress=ctx.progress, templates=templates)
     scores = {"accuracy": metrics.get("zero_shot_acc"), "images": metrics.get("zero_shot_images", 0),
               "classes": metrics.get("zero_shot_classes"), "templates": templates,
+              "colour_accuracy": metrics.get("zero_shot_colour_acc"),
+              "shape_accuracy": metrics.get("zero_shot_shape_acc"),
               "code_entropy_fraction": metrics["code_entropy_fraction"]}
     table = [["accuracy (colour+shape, single-object images)", scores["accuracy"], "%"],
+             ["colour right", scores["colour_accuracy"], "%"], ["shape right", scores["shape_accuracy"], "%"],
              ["images", scores["images"], ""]]
     return {"scores": scores, "table": table, "info": {"tokenizer": which, "tokenizer_hash": tok.hash}}
 

@@ -26,7 +26,8 @@ from typing import Callable, NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from train.distributed import find_free_port  # noqa: E402  (after making the repo importable)
+from eval.targets import Target, demo_targets, targets_markdown  # noqa: E402  (after making the repo importable)
+from train.distributed import find_free_port  # noqa: E402
 
 
 class Step(NamedTuple):
@@ -196,11 +197,23 @@ STEPS = [
 ]
 
 
-def write_report(out: Path, summary: dict) -> Path:
-    """``report.md``: the demo's step table, then the evaluation report (figures linked from eval/)."""
+def summary_targets(out: Path, summary: dict) -> list[Target]:
+    """Issue 6's targets against this demo's evaluation (none when the eval step has not run)."""
+    results_path = out / "eval" / "results.json"
+    if not results_path.is_file():
+        return []
+    step_seconds = {r["step"]: r["seconds"] for r in summary["steps"]}
+    return demo_targets(read_json(results_path), wall_s=summary["seconds"], step_seconds=step_seconds)
+
+
+def write_report(out: Path, summary: dict, targets: list[Target]) -> Path:
+    """``report.md``: the demo's step table, the targets (met, or missed by how much and where),
+    then the evaluation report (figures linked from eval/)."""
     lines = ["# make demo report", "", f"Total wall time: {summary['seconds']:.0f} s on this machine.", "",
              "| step | seconds | result |", "|---|---|---|"]
     lines += [f"| {r['step']} | {r['seconds']:.1f} | {r['result']} |" for r in summary["steps"]]
+    if targets:
+        lines += ["", targets_markdown(targets)]
     eval_report_path = out / "eval" / "report.md"
     if eval_report_path.is_file():
         body = eval_report_path.read_text(encoding="utf-8")
@@ -277,11 +290,16 @@ def main() -> int:
         total = sum(r["seconds"] for r in results)
     summary = {"out": str(out), "seconds": round(total, 1), "steps": results}
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    report = write_report(out, summary)
+    targets = summary_targets(out, summary)
+    report = write_report(out, summary, targets)
 
     print(f"\n=== demo finished in {total:.0f} s; outputs in {out}")
     for r in results:
         print(f"  {r['step']:<15} {r['seconds']:>7.1f} s  {r['result']}")
+    if targets:
+        print(f"  targets: {sum(t.met is True for t in targets)} of {len(targets)} met")
+        for t in targets:
+            print(f"    {t.name:<40} {t.text:>9} (goal {t.goal}): {t.gap}")
     print(f"  summary: {out / 'demo_summary.json'}")
     print(f"  report:  {report}")
     return 0

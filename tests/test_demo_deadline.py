@@ -28,3 +28,20 @@ def test_only_the_unified_step_is_budgeted_and_its_config_has_a_budget(demo):
     unified = next(step for step in demo.STEPS if step.name == "unified")
     assert unified.budget_config == demo.UNIFIED_CONFIG
     assert demo.config_time_budget(ROOT / unified.budget_config) > demo.MIN_UNIFIED_BUDGET_S
+
+
+def test_report_has_the_targets_after_the_step_table(demo, tmp_path):
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "results.json").write_text(
+        '{"tasks": {"reconstruction": {"scores": {"psnr_db": 27.5, "judge_accuracy": 0.5}}}}')
+    (tmp_path / "eval" / "report.md").write_text("# Evaluation\n\n![grid](figures/t2i.png)\n")
+    summary = {"seconds": 880.0, "steps": [{"step": "data", "seconds": 9.0, "result": "ok"},
+                                           {"step": "eval", "seconds": 60.0, "result": "ok"}]}
+    targets = demo.summary_targets(tmp_path, summary)
+    text = demo.write_report(tmp_path, summary, targets).read_text()
+    table, targets_at, evaluation = text.index("| data |"), text.index("## Targets"), text.index("# Evaluation")
+    assert table < targets_at < evaluation
+    assert "| reconstruction PSNR | >= 26 dB | 27.5 dB | met | judge on reconstructions 50.0% |" in text
+    assert "| demo wall time | <= 900 s | 880 s | met | slowest step: eval 60 s |" in text
+    assert "](eval/figures/t2i.png)" in text  # the evaluation's links now point into eval/
+    assert demo.summary_targets(tmp_path / "nothing", summary) == []  # no eval yet: no targets

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from eval import formats
+from eval import answer_file, formats
 from mmcore.errors import UserError
 
 
@@ -218,7 +218,7 @@ QUESTIONS = [(qid, f"Question {qid}?", f"answer {qid} é") for qid in (3, 1, "q-
 def run_eval(path, model_id="tiny-unified@abc123", stop_after=None):
     """Answer every unanswered question in order; ``stop_after`` simulates a stop."""
     written = 0
-    with formats.AnswerWriter(path, model_id) as writer:
+    with answer_file.AnswerWriter(path, model_id) as writer:
         for qid, prompt, answer in QUESTIONS:
             if writer.is_done(qid):
                 continue
@@ -236,11 +236,11 @@ def test_resumed_answer_file_equals_uninterrupted_run(tmp_path):
         handle.write(b'{"question_id": "q-7", "prompt": "Quest')
     assert run_eval(tmp_path / "resumed.jsonl") == 2            # two answers kept, torn line dropped
     assert (tmp_path / "resumed.jsonl").read_bytes() == (tmp_path / "full.jsonl").read_bytes()
-    records = formats.read_answer_file(tmp_path / "full.jsonl")
+    records = answer_file.read_answer_file(tmp_path / "full.jsonl")
     assert [r["question_id"] for r in records] == [3, 1, "q-7", 2, 5]
-    assert list(records[0]) == list(formats.ANSWER_FIELDS)
+    assert list(records[0]) == list(answer_file.ANSWER_FIELDS)
     assert records[2]["text"] == "answer q-7 é" and records[2]["metadata"] == {"temperature": 0.0}
-    assert records[0]["answer_id"] == formats.answer_id_for("tiny-unified@abc123", 3)
+    assert records[0]["answer_id"] == answer_file.answer_id_for("tiny-unified@abc123", 3)
 
 
 def test_answer_file_from_another_model_is_refused(tmp_path):
@@ -250,22 +250,22 @@ def test_answer_file_from_another_model_is_refused(tmp_path):
     before = (tmp_path / "answers.jsonl").read_bytes()
     with pytest.raises(UserError, match=r"answer file from another model: .*answers\.jsonl:1 has model_id "
                                         r"'tiny-unified@abc123', this run's model is 'other@def456'"):
-        formats.AnswerWriter(tmp_path / "answers.jsonl", "other@def456")
+        answer_file.AnswerWriter(tmp_path / "answers.jsonl", "other@def456")
     assert (tmp_path / "answers.jsonl").read_bytes() == before
 
 
 def test_answer_writer_guards(tmp_path):
     path = tmp_path / "answers.jsonl"
-    with formats.AnswerWriter(path, "m") as writer:
+    with answer_file.AnswerWriter(path, "m") as writer:
         writer.write(1, "p", "t")
         with pytest.raises(ValueError, match="already answered"):
             writer.write(1, "p", "t")
         with pytest.raises(UserError, match="being written by another process"):
-            formats.AnswerWriter(path, "m")
+            answer_file.AnswerWriter(path, "m")
     path.write_text(path.read_text() + "not json\n")
     with pytest.raises(UserError, match=r"answers\.jsonl:2: invalid JSON .* corrupt"):
-        formats.AnswerWriter(path, "m")
+        answer_file.AnswerWriter(path, "m")
     no_answer_id = {"question_id": 1, "prompt": "p", "text": "t", "model_id": "m", "metadata": {}}
     path.write_text(json.dumps(no_answer_id) + "\n")
     with pytest.raises(UserError, match=r":1: missing field 'answer_id'"):
-        formats.read_answer_file(path)
+        answer_file.read_answer_file(path)

@@ -82,6 +82,10 @@ def test_every_task_scored_with_hashes_and_report(env, full_run):
     assert set(results["timings"]) == {*TASKS, "total_s"}
     scores = scores_of(results)
     assert 0 <= scores["reconstruction"]["ssim"] <= 1 and scores["reconstruction"]["fid"] >= 0
+    zs = scores["zero_shot"]  # colour+shape right implies each right; each right on its own is at least as often
+    if zs["images"]:
+        assert zs["accuracy"] <= min(zs["colour_accuracy"], zs["shape_accuracy"])
+        assert zs["colour_accuracy"] + zs["shape_accuracy"] - 1 <= zs["accuracy"]
     assert scores["reconstruction"]["judge_accuracy_originals"] == 1.0     # the judge is exact on originals
     vqa = scores["vqa"]
     assert vqa["questions"] == 15 and 0 <= vqa["soft_accuracy"] <= 1 and "per_type" in vqa and "yes_no" in vqa

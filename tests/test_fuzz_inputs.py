@@ -2,7 +2,7 @@
 
 Readers covered: the LLaVA/COCO converters (``unified_mm.data.converters``, including image paths
 that try to leave the image folder and ``--add-split`` onto broken manifests) and the
-``eval.formats`` readers. Accepted outcomes and the ``outcomes`` fixture are in
+``eval.formats`` and ``eval.answer_file`` readers. Accepted outcomes and the ``outcomes`` fixture are in
 ``tests/fuzz_env.py``.
 """
 from __future__ import annotations
@@ -94,7 +94,7 @@ def test_converters(tmp_path, outcomes):
 
 
 def test_eval_formats(tmp_path, outcomes):
-    from eval import formats
+    from eval import answer_file, formats
     images = tmp_path / "images"
     images.mkdir()
     Image.new("RGB", (8, 8)).save(images / "a.png")
@@ -152,7 +152,7 @@ def test_eval_formats(tmp_path, outcomes):
         path.write_bytes(data)
         for reader_name, reader in (("read_geneval_jsonl", formats.read_geneval_jsonl),
                                     ("read_llava_questions", lambda p: formats.read_llava_questions(p, images)),
-                                    ("read_answer_file", formats.read_answer_file)):
+                                    ("read_answer_file", answer_file.read_answer_file)):
             result = outcomes.run(f"eval.{reader_name}", name, lambda: reader(path))
             if name == "questions-escape" and reader_name == "read_llava_questions":
                 assert result is None, "a question image outside the image folder was accepted"

@@ -9,6 +9,8 @@ Shared by tokenizer training (its end-of-run evaluation) and the evaluation harn
 * ``zero_shot_acc``: single-object images classified among every colour x shape prompt
   (``"a red circle"``), i.e. colour+shape must both be right. ``templates`` gives a CLIP-style
   prompt ensemble instead (each class embedding is the mean over its prompts).
+  ``zero_shot_colour_acc`` / ``zero_shot_shape_acc``: how often the predicted class has the right
+  colour / the right shape (where the misses are).
 * ``code_entropy_fraction``: empirical entropy of the hard codes over all evaluated tokens, summed
   over groups, divided by the number of bits (the maximum).
 """
@@ -62,7 +64,8 @@ def evaluate_tokenizer(model: QLIP, text_tokenizer: TextTokenizer | None, data_d
     if model.text is not None and text_tokenizer is not None:
         prompts = [[t.format(colour=c, shape=s) for t in templates] for c, s in classes]
         class_embeds = class_embeddings(model, text_tokenizer, prompts)
-    psnr_sum, group_indices, judged, zero_shot = 0.0, [], [], []
+    psnr_sum, group_indices, judged = 0.0, [], []
+    zero_shot: list[tuple[bool, bool]] = []  # (colour right, shape right) per single-object image
     batches = range(0, len(samples), batch_size)
     for start in tqdm(batches, desc=f"eval tokenizer on {split}", disable=not progress, unit="batch"):
         chunk = samples[start: start + batch_size]
@@ -78,7 +81,7 @@ def evaluate_tokenizer(model: QLIP, text_tokenizer: TextTokenizer | None, data_d
                 predicted = zero_shot_classify(model, pixels[single], class_embeds).predictions
                 for i, p in zip(single, predicted.tolist()):
                     obj = chunk[i].meta["objects"][0]
-                    zero_shot.append(classes[p] == (obj["colour"], obj["shape"]))
+                    zero_shot.append((classes[p][0] == obj["colour"], classes[p][1] == obj["shape"]))
     codes = torch.cat(group_indices)
     entropy_bits = float(used_code_entropy_bits(codes, model.config.bsq.group_size).sum())
     metrics = {
@@ -90,6 +93,8 @@ def evaluate_tokenizer(model: QLIP, text_tokenizer: TextTokenizer | None, data_d
         "distinct_codes": int(torch.unique(codes, dim=0).shape[0]),
     }
     if zero_shot:
-        metrics.update(zero_shot_acc=float(np.mean(zero_shot)), zero_shot_images=len(zero_shot),
-                       zero_shot_classes=len(classes))
+        colour_right, shape_right = np.array(zero_shot).T
+        metrics.update(zero_shot_acc=float(np.mean(colour_right & shape_right)), zero_shot_images=len(zero_shot),
+                       zero_shot_classes=len(classes), zero_shot_colour_acc=float(np.mean(colour_right)),
+                       zero_shot_shape_acc=float(np.mean(shape_right)))
     return metrics
