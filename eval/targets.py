@@ -21,6 +21,9 @@ class Target(NamedTuple):
     where: str                 # this run's breakdown of the figure
 
 
+MIN_CELL = 10  # questions a crossed VQA cell needs before it is named as the weakest
+
+
 def _pct(value: Optional[float]) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}%"
 
@@ -45,6 +48,10 @@ def _vqa_where(scores: dict) -> str:
     if per_type:
         worst = sorted(per_type.items(), key=lambda kv: kv[1].get("soft_accuracy", 0.0))[:2]
         parts.append("weakest question types: " + _groups(dict(worst), lambda k: k))
+    cells = {k: v for k, v in (scores.get("per_objects_x_type") or {}).items() if v.get("n", 0) >= MIN_CELL}
+    if cells:
+        worst_cell = min(cells.items(), key=lambda kv: kv[1].get("soft_accuracy", 0.0))
+        parts.append("weakest objects / type cell: " + _groups(dict([worst_cell]), lambda k: k))
     return "; ".join(parts)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from itertools import islice
+from itertools import combinations, islice
 from pathlib import Path
 
 import numpy as np
@@ -110,14 +110,18 @@ def score_vqa(questions: list[sources.Question], answers: dict, normalise_refere
                       normalise_references=normalise_references).per_question
     exact = {q.qid: exact_match(answers[q.qid], q.label) for q in scored if q.label is not None}
     scores.update(soft_accuracy=_mean(soft.values()), exact_match=_mean(exact.values()))
-    for group in sorted({g for q in scored for g in q.groups}):
+    groups = sorted({g for q in scored for g in q.groups})
+    # each group alone, then every pair crossed ("objects_x_type": "1 / yesno"): a failure confined
+    # to one cell (ShapesWorld: yes/no on one-object images) is averaged away in the margins
+    for names in [(g,) for g in groups] + list(combinations(groups, 2)):
         buckets = defaultdict(list)
         for q in scored:
-            if group in q.groups:
-                buckets[q.groups[group]].append(q.qid)
-        scores[f"per_{group}"] = {value: {"n": len(ids), "soft_accuracy": _mean(soft[i] for i in ids),
-                                          "exact_match": _mean(exact[i] for i in ids if i in exact)}
-                                  for value, ids in sorted(buckets.items())}
+            if all(g in q.groups for g in names):
+                buckets[" / ".join(str(q.groups[g]) for g in names)].append(q.qid)
+        scores["per_" + "_x_".join(names)] = {
+            value: {"n": len(ids), "soft_accuracy": _mean(soft[i] for i in ids),
+                    "exact_match": _mean(exact[i] for i in ids if i in exact)}
+            for value, ids in sorted(buckets.items())}
     yes_no = [q for q in scored if q.label is not None and normalize_answer(q.label) in ("yes", "no")]
     if yes_no:
         result = yes_no_scores([answers[q.qid] for q in yes_no], [normalize_answer(q.label) for q in yes_no])

@@ -91,6 +91,11 @@ def test_every_task_scored_with_hashes_and_report(env, full_run):
     assert vqa["questions"] == 15 and 0 <= vqa["soft_accuracy"] <= 1 and "per_type" in vqa and "yes_no" in vqa
     assert set(vqa["per_objects"]) <= {"1", "2", "3"}
     assert sum(v["n"] for v in vqa["per_objects"].values()) == vqa["scored"]
+    crossed = vqa["per_objects_x_type"]  # every question in exactly one (objects, type) cell
+    assert sum(v["n"] for v in crossed.values()) == vqa["scored"]
+    for cell, v in crossed.items():
+        objects, kind = cell.split(" / ")
+        assert v["n"] <= min(vqa["per_objects"][objects]["n"], vqa["per_type"][kind]["n"])
     assert set(scores["caption"]) >= {"cider_d", "bleu_4"} and scores["caption"]["images"] == 3
     t2i = scores["t2i"]
     assert {"cfg_1", "cfg_3", "ceiling_reconstruction", "judge_on_ground_truth"} <= set(t2i)

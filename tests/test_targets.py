@@ -12,7 +12,9 @@ FULL = results(
     vqa={"soft_accuracy": 0.5, "per_objects": {"1": {"n": 10, "soft_accuracy": 0.8},
                                               "3": {"n": 10, "soft_accuracy": 0.2}},
          "per_type": {"colour": {"n": 5, "soft_accuracy": 0.9}, "position": {"n": 5, "soft_accuracy": 0.1},
-                      "count": {"n": 5, "soft_accuracy": 0.4}}},
+                      "count": {"n": 5, "soft_accuracy": 0.4}},
+         "per_objects_x_type": {"1 / yesno": {"n": 12, "soft_accuracy": 0.4},
+                                "3 / position": {"n": 9, "soft_accuracy": 0.0}}},  # too few to name
     caption={"cider_d": 0.97, "bleu_4": 0.5},
     t2i={"cfg_1": {"whole": 0.01}, "cfg_3": {"whole": 0.05, "colour": 0.5, "shape": 0.3, "count": 0.2,
                                             "position": 0.1},
@@ -36,6 +38,7 @@ def test_verdicts_and_gaps():
     # object counts in order; the two weakest question types, weakest first
     assert "1 80.0% (n=10), 3 20.0% (n=10)" in vqa.where
     assert "weakest question types: count 40.0% (n=5), position 10.0% (n=5)" in vqa.where
+    assert vqa.where.endswith("weakest objects / type cell: 1 / yesno 40.0% (n=12)")
     assert targets["captioning CIDEr-D"].gap == "missed by 0.03"
     t2i = targets["text-to-image whole prompt, CFG 3"]
     assert (t2i.value, t2i.gap) == (0.05, "missed by 55.0 points")
@@ -63,3 +66,21 @@ def test_markdown_counts_misses():
                          vqa={"soft_accuracy": 0.9}, caption={"cider_d": 1.5},
                          t2i={"cfg_3": {"whole": 0.7}})
     assert targets_markdown(demo_targets(everything)).endswith("5 of 5 targets met.")
+
+
+def test_vqa_scores_cross_every_pair_of_groups():
+    from eval.sources import Question
+    from eval.tasks import score_vqa
+
+    def question(qid, label, objects, kind):
+        return Question(qid, "q?", None, [label] * 10, label, {"objects": objects, "type": kind}, {})
+
+    questions = [question(1, "yes", "1", "yesno"), question(2, "no", "1", "yesno"),
+                 question(3, "red", "1", "colour"), question(4, "yes", "3", "yesno")]
+    answers = {1: "no", 2: "no", 3: "red", 4: "yes"}
+    scores = score_vqa(questions, answers, normalise_references=True)
+    assert scores["per_type"]["yesno"]["soft_accuracy"] == 2 / 3
+    crossed = scores["per_objects_x_type"]
+    assert list(crossed) == ["1 / colour", "1 / yesno", "3 / yesno"]
+    assert crossed["1 / yesno"] == {"n": 2, "soft_accuracy": 0.5, "exact_match": 0.5}
+    assert crossed["3 / yesno"]["soft_accuracy"] == 1.0 and crossed["1 / colour"]["n"] == 1
