@@ -66,11 +66,11 @@ def _guided(t2i: dict) -> tuple[Optional[str], Optional[dict]]:
 
 def _t2i_where(t2i: dict) -> str:
     key, guided = _guided(t2i)
-    if guided is None:
-        return ""
-    attributes = ", ".join(f"{a} {_pct(guided[a])}" for a in ("colour", "shape", "count", "position")
-                           if a in guided)
-    parts = [f"CFG {key[4:]}: {attributes}"]
+    parts = []
+    if guided is not None:
+        attributes = ", ".join(f"{a} {_pct(guided[a])}" for a in ("colour", "shape", "count", "position")
+                               if a in guided)
+        parts.append(f"CFG {key[4:]}: {attributes}")
     if "cfg_1" in t2i:
         parts.append(f"without CFG {_pct(t2i['cfg_1'].get('whole'))}")
     ceiling = t2i.get("ceiling_reconstruction", {}).get("whole")
@@ -120,6 +120,8 @@ def demo_targets(results: dict, wall_s: Optional[float] = None,
         _percent_target(f"text-to-image whole prompt, CFG {key[4:]}" if key else "text-to-image whole prompt, CFG",
                         0.60, guided.get("whole") if guided else None, _t2i_where(t2i)),
     ]
+    if t2i and guided is None:  # sampled, but only without guidance (e.g. --cfg-scales 1)
+        targets[-1] = targets[-1]._replace(gap="no CFG scale > 1 evaluated")
     if wall_s is not None:
         slowest = ""
         if step_seconds:
@@ -131,7 +133,8 @@ def demo_targets(results: dict, wall_s: Optional[float] = None,
 
 def targets_markdown(targets: list[Target]) -> str:
     """A Markdown section: one row per target, then a line counting the misses."""
-    lines = ["## Targets", "", "| target | goal | measured | verdict | where this run stands |", "|---|---|---|---|---|"]
+    lines = ["## Targets", "", "| target | goal | measured | verdict | where this run stands |",
+             "|---|---|---|---|---|"]
     lines += [f"| {t.name} | {t.goal} | {t.text} | {t.gap} | {t.where} |" for t in targets]
     missed = [t.name for t in targets if t.met is False]
     lines += ["", f"{len(targets) - len(missed)} of {len(targets)} targets met"

@@ -26,7 +26,8 @@ from typing import Callable, NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from eval.targets import Target, demo_targets, targets_markdown  # noqa: E402  (after making the repo importable)
+# after making the repo importable:
+from eval.targets import Target, demo_targets, targets_markdown  # noqa: E402
 from train.distributed import find_free_port  # noqa: E402
 
 

@@ -55,6 +55,8 @@ def test_missing_tasks_are_not_evaluated_and_over_time_is_a_miss():
     assert verdicts["reconstruction PSNR"] == (False, "missed by 1.0 dB")
     assert verdicts["demo wall time"] == (False, "missed by 50 s")
     assert len(demo_targets(results())) == 5  # no wall time given: no wall-time row
+    unguided = by_name(demo_targets(results(t2i={"cfg_1": {"whole": 0.3}})))["text-to-image whole prompt, CFG"]
+    assert (unguided.met, unguided.gap, unguided.where) == (None, "no CFG scale > 1 evaluated", "without CFG 30.0%")
 
 
 def test_markdown_counts_misses():
