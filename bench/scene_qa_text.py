@@ -12,7 +12,8 @@ question-dependent attention the decoder must learn), not the image tokens.
         --steps 1500 --lr 1e-3 --out runs/scene_qa_text.jsonl
 
 ``--question-first`` puts the question before the caption (every scene token can then attend to
-the question). Greedy accuracy on val, by question type and one-object vs several-object images,
+the question). ``--qa-types yesno`` trains on those question types only (the evaluation still asks
+every type), to set beside ``bench/unified_budget.py``'s ``yesno_only_*`` variants on image ids. Greedy accuracy on val, by question type and one-object vs several-object images,
 is appended to ``--out`` as one JSON line.
 """
 from __future__ import annotations
@@ -77,6 +78,8 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decay of matrices (default 0.1)")
     parser.add_argument("--question-first", action="store_true", help="question before the scene text")
+    parser.add_argument("--qa-types", default="", help="train only on these question types, comma-separated "
+                        "(e.g. yesno); the evaluation still asks every type (default: all types)")
     parser.add_argument("--val-images", type=int, default=300, help="val images asked every question (default 300)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", required=True, help="JSONL file the result line is appended to")
@@ -87,7 +90,13 @@ def main() -> int:
     manifest = read_manifest(args.codes)
     vocab = Vocab.for_tokenizers(text.vocab_size, manifest["num_bits"], manifest["group_size"], manifest["grid_size"])
     builder = SequenceBuilder(text, vocab, max_length=224)
+    qa_types = {t for t in args.qa_types.split(",") if t}
     train = [meta for _, _, meta in read_precomputed(args.codes, "train", split_by_rank=False)]
+    if qa_types:  # keep each scene's questions of those types; drop scenes without any
+        train = [{**meta, "qa": [qa for qa in meta["qa"] if qa["type"] in qa_types]} for meta in train]
+        train = [meta for meta in train if meta["qa"]]
+        if not train:
+            parser.error(f"no training question has a type in {sorted(qa_types)}")
     val = [meta for _, _, meta in islice(read_precomputed(args.codes, "val", split_by_rank=False), args.val_images)]
     model = build_model(UnifiedModelConfig(preset="tiny"), vocab)
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay, args.lr), lr=args.lr, betas=(0.9, 0.95))
@@ -112,7 +121,7 @@ def main() -> int:
             print(f"step {step}/{args.steps} loss {loss.item():.3f} ({time.perf_counter() - start:.0f} s)", flush=True)
     accuracy = evaluate(model, val, builder, text, args.question_first)
     record = {"steps": args.steps, "lr": args.lr, "batch": args.batch, "weight_decay": args.weight_decay,
-              "question_first": args.question_first,
+              "question_first": args.question_first, "qa_types": sorted(qa_types),
               "seconds": round(time.perf_counter() - start, 1), "accuracy": accuracy}
     print(json.dumps(record))
     with open(args.out, "a", encoding="utf-8") as f:

@@ -164,6 +164,12 @@ VARIANTS = {
                                      image_weight=0.25, pos2d=True, hidden_loss=True, qa_types=("yesno",)),
     "yesno_only_lr3e-4_600": Variant("tiny", 600, 3e-4, {"vqa": 1.0}, chat_turns=5, max_length=224, bit_init=True,
                                      image_weight=0.25, pos2d=True, hidden_loss=True, qa_types=("yesno",)),
+    # session 11: yes/no alone for 3,000 steps at lr 1e-3, beside bench/scene_qa_text.py --qa-types yesno
+    # (the same questions with the scene as text): is the equality test slow to learn from the
+    # image ids as well, or not learnable from them at all?
+    "yesno_only_lr1e-3_3000": Variant("tiny", 3000, 1e-3, {"vqa": 1.0}, chat_turns=5, max_length=224,
+                                      bit_init=True, image_weight=0.25, pos2d=True, hidden_loss=True,
+                                      qa_types=("yesno",)),
     # session 10: a text-only diagnostic (the scene as its long caption, then the question) showed
     # the same failure to find the named object, and lr 1e-3 learning it faster than 4e-3 at 1,500
     # steps: the demo's configuration and question-first at lr 1e-3
