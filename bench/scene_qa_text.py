@@ -13,8 +13,9 @@ question-dependent attention the decoder must learn), not the image tokens.
 
 ``--question-first`` puts the question before the caption (every scene token can then attend to
 the question). ``--qa-types yesno`` trains on those question types only (the evaluation still asks
-every type), to set beside ``bench/unified_budget.py``'s ``yesno_only_*`` variants on image ids. Greedy accuracy on val, by question type and one-object vs several-object images,
-is appended to ``--out`` as one JSON line.
+every type), to set beside ``bench/unified_budget.py``'s ``yesno_only_*`` variants on image ids.
+Greedy accuracy on val, by question type and one-object vs several-object images, is appended to
+``--out`` as one JSON line.
 """
 from __future__ import annotations
 

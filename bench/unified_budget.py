@@ -164,9 +164,6 @@ VARIANTS = {
                                      image_weight=0.25, pos2d=True, hidden_loss=True, qa_types=("yesno",)),
     "yesno_only_lr3e-4_600": Variant("tiny", 600, 3e-4, {"vqa": 1.0}, chat_turns=5, max_length=224, bit_init=True,
                                      image_weight=0.25, pos2d=True, hidden_loss=True, qa_types=("yesno",)),
-    # session 11: yes/no alone for 3,000 steps at lr 1e-3, beside bench/scene_qa_text.py --qa-types yesno
-    # (the same questions with the scene as text): is the equality test slow to learn from the
-    # image ids as well, or not learnable from them at all?
     # session 11: input and output embeddings tied (as Llama-3.2-1B), so the direction a colour
     # question's answer is read out along is the question word's own input embedding: does the
     # yes/no equality test ("is the object ... red?") then get learned from image ids?
@@ -176,6 +173,9 @@ VARIANTS = {
     "tied_iw0.25_pos2d_lr1e-3_600": Variant("tiny", 600, 1e-3, MULTI_QA_MIX, chat_turns=5, max_length=224,
                                             bit_init=True, image_weight=0.25, pos2d=True, hidden_loss=True,
                                             overrides={"tie_word_embeddings": True}),
+    # session 11: yes/no alone for 3,000 steps at lr 1e-3, beside bench/scene_qa_text.py --qa-types yesno
+    # (the same questions with the scene as text): is the equality test slow to learn from the
+    # image ids as well, or not learnable from them at all?
     "yesno_only_lr1e-3_3000": Variant("tiny", 3000, 1e-3, {"vqa": 1.0}, chat_turns=5, max_length=224,
                                       bit_init=True, image_weight=0.25, pos2d=True, hidden_loss=True,
                                       qa_types=("yesno",)),
