@@ -111,7 +111,10 @@ class Context:
         or encoded from ``--data`` shards."""
         args = self.args
         wanted = [self.limit(task) for task in SHAPESWORLD_TASKS if self.tasks is None or task in self.tasks]
-        limit = args.limit if not wanted else None if None in wanted else max(wanted)
+        if not wanted:  # no ShapesWorld task selected (a direct call): the plain --limit
+            limit = args.limit
+        else:
+            limit = None if None in wanted else max(wanted)  # None: a task reads the whole split
         if args.codes:
             reader = read_precomputed(args.codes, args.split, expected_hash=self.unified.tokenizer_hash,
                                       split_by_rank=False)

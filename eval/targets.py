@@ -8,7 +8,7 @@ and the session notes; this table only shows where, for this run.
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 
 class Target(NamedTuple):
@@ -28,8 +28,8 @@ def _pct(value: Optional[float]) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}%"
 
 
-def _groups(per_group: dict, label: Callable[[str], str]) -> str:
-    return ", ".join(f"{label(k)} {_pct(v.get('soft_accuracy'))} (n={v.get('n', 0)})"
+def _groups(per_group: dict) -> str:
+    return ", ".join(f"{k} {_pct(v.get('soft_accuracy'))} (n={v.get('n', 0)})"
                      for k, v in sorted(per_group.items()))
 
 
@@ -43,15 +43,15 @@ def _zero_shot_where(scores: dict) -> str:
 def _vqa_where(scores: dict) -> str:
     parts = []
     if scores.get("per_objects"):
-        parts.append("by objects in the image: " + _groups(scores["per_objects"], lambda k: k))
+        parts.append("by objects in the image: " + _groups(scores["per_objects"]))
     per_type = scores.get("per_type") or {}
     if per_type:
         worst = sorted(per_type.items(), key=lambda kv: kv[1].get("soft_accuracy", 0.0))[:2]
-        parts.append("weakest question types: " + _groups(dict(worst), lambda k: k))
+        parts.append("weakest question types: " + _groups(dict(worst)))
     cells = {k: v for k, v in (scores.get("per_objects_x_type") or {}).items() if v.get("n", 0) >= MIN_CELL}
     if cells:
         worst_cell = min(cells.items(), key=lambda kv: kv[1].get("soft_accuracy", 0.0))
-        parts.append("weakest objects / type cell: " + _groups(dict([worst_cell]), lambda k: k))
+        parts.append("weakest objects / type cell: " + _groups(dict([worst_cell])))
     return "; ".join(parts)
 
 
@@ -82,23 +82,21 @@ def _t2i_where(t2i: dict) -> str:
     return "; ".join(parts)
 
 
-def _percent_target(name: str, goal: float, value: Optional[float], where: str) -> Target:
-    if value is None:
-        return Target(name, f">= {100 * goal:.0f}%", None, "n/a", None, "not evaluated", where)
-    met = value >= goal
-    gap = "met" if met else f"missed by {100 * (goal - value):.1f} points"
-    return Target(name, f">= {100 * goal:.0f}%", value, _pct(value), met, gap, where)
-
-
 def _plain_target(name: str, goal: float, value: Optional[float], unit: str, where: str,
-                  digits: int, higher_is_better: bool = True) -> Target:
+                  digits: int, higher_is_better: bool = True, gap_unit: Optional[str] = None) -> Target:
     sign = ">=" if higher_is_better else "<="
     goal_text = f"{sign} {goal:g}{unit}"
     if value is None:
         return Target(name, goal_text, None, "n/a", None, "not evaluated", where)
     met = value >= goal if higher_is_better else value <= goal
-    gap = "met" if met else f"missed by {abs(goal - value):.{digits}f}{unit}"
+    gap = "met" if met else f"missed by {abs(goal - value):.{digits}f}{unit if gap_unit is None else gap_unit}"
     return Target(name, goal_text, value, f"{value:.{digits}f}{unit}", met, gap, where)
+
+
+def _percent_target(name: str, goal: float, value: Optional[float], where: str) -> Target:
+    """A fraction shown in percent; the gap in percentage points; ``value`` kept as the fraction."""
+    scaled = None if value is None else 100 * value
+    return _plain_target(name, 100 * goal, scaled, "%", where, 1, gap_unit=" points")._replace(value=value)
 
 
 def demo_targets(results: dict, wall_s: Optional[float] = None,

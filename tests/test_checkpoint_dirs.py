@@ -71,8 +71,8 @@ def test_checkpoint_loading_refuses_pickled_code(tmp_path):
     path = tmp_path / "evil.pt"
     with open(path, "wb") as handle:
         pickle.dump({"x": Exploit()}, handle, protocol=2)
-    # DeepSpeed's own checkpoint reader, which calls torch.load(..., weights_only=False): the block
-    # must override that
+    # DeepSpeed's own checkpoint reader, which asks torch for a full (unsafe) unpickle: the block
+    # must override that and load weights only
     engine = TorchCheckpointEngine()
     with ds_engine.weights_only_loading():
         with pytest.raises(pickle.UnpicklingError):
