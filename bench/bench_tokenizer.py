@@ -94,7 +94,7 @@ class QlipImageEncoder(nn.Module):
                                              config.encoder.layer_norm_eps)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.image_head(self.encoder(pixels).cls)
+        return self.image_head(self.encoder(pixels))
 
 
 class HFViT(nn.Module):

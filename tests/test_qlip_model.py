@@ -230,6 +230,64 @@ def test_without_text_tower():
     assert dropped(pixels()).text_embeds is None
 
 
+def test_decode_count_decodes_the_first_images_only(model):
+    x = pixels()
+    with torch.no_grad():
+        full = model(x)
+        part = model(x, decode_count=2)
+    assert part.reconstruction.shape == (2, 3, 32, 32)
+    assert torch.allclose(part.reconstruction, full.reconstruction[:2], atol=1e-6)
+    # the contrastive embedding and the codes still cover every image
+    assert torch.equal(part.image_embeds, full.image_embeds)
+    assert torch.equal(part.bsq.bits, full.bsq.bits)
+
+
+# ---------------------------------------------------------------------------------------------
+# image pooling of the contrastive embedding
+# ---------------------------------------------------------------------------------------------
+
+def test_image_pool_reads_what_it_names():
+    torch.manual_seed(0)
+    x = pixels()
+    cls_model = build_qlip(preset_config("tiny", {"image_pool": "cls"})).eval()
+    with torch.no_grad():
+        features = cls_model.encoder(x)
+        head = cls_model.image_head
+        assert torch.allclose(cls_model.encode_image_embeds(x),
+                              F.normalize(head.proj(head.norm(features.cls)), dim=-1), atol=1e-6)
+        mean_model = build_qlip(preset_config("tiny", {"image_pool": "mean"})).eval()
+        mean_model.load_state_dict(cls_model.state_dict())  # same parameters: only the pooling differs
+        expected = F.normalize(head.proj(head.norm(features.patches.mean(1))), dim=-1)
+        assert torch.allclose(mean_model.encode_image_embeds(x), expected, atol=1e-6)
+
+
+def test_attention_pool_is_a_probe_over_cls_and_patches():
+    torch.manual_seed(0)
+    model = build_qlip(preset_config("tiny", {"image_pool": "attention"})).eval()
+    x = pixels()
+    with torch.no_grad():
+        features = model.encoder(x)
+        head = model.image_head
+        tokens = head.pool_norm(torch.cat([features.cls[:, None], features.patches], 1))
+        w = model.config.encoder.width
+        q_w, k_w, v_w = head.pool_attn.in_proj_weight.split(w)
+        q_b, k_b, v_b = head.pool_attn.in_proj_bias.split(w)
+        heads = model.config.encoder.heads
+        q = rearrange(head.probe @ q_w.T + q_b, "o n (h d) -> o h n d", h=heads)  # (1, H, 1, D)
+        k = rearrange(tokens @ k_w.T + k_b, "b n (h d) -> b h n d", h=heads)
+        v = rearrange(tokens @ v_w.T + v_b, "b n (h d) -> b h n d", h=heads)
+        read = F.scaled_dot_product_attention(q.expand(len(x), -1, -1, -1), k, v)  # (B, H, 1, D)
+        pooled = head.pool_attn.out_proj(rearrange(read, "b h n d -> b n (h d)"))[:, 0]
+        expected = F.normalize(head.proj(head.norm(pooled)), dim=-1)
+        assert torch.allclose(model.encode_image_embeds(x), expected, atol=1e-5)
+        # every image token can change the embedding (the [CLS] one included)
+        shifted = features._replace(cls=features.cls.flip(-1))  # not a constant shift: LayerNorm removes those
+        assert not torch.allclose(head(shifted), head(features))
+    # stage 2 freezes the pooling head with the rest of the encoder side
+    frozen = build_qlip(preset_config("tiny", {"image_pool": "attention"})).freeze_encoder()
+    assert not any(p.requires_grad for n, p in frozen.named_parameters() if n.startswith("image_head."))
+
+
 # ---------------------------------------------------------------------------------------------
 # presets and parameter counts
 # ---------------------------------------------------------------------------------------------
@@ -280,6 +338,7 @@ def test_text_tower_matches_openclip_b():
     ({"bsq": {"num_bits": 13}}, "divisible by group_size"),
     ({"embed_dim": 0}, "embed_dim"),
     ({"bottleneck_act": "relu"}, "bottleneck_act"),
+    ({"image_pool": "max"}, "image_pool"),
     ({"encoder": {"widht": 64}}, "did you mean 'width'"),
 ])
 def test_config_errors(change, message):

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from mmcore.config import ConfigError, config_from_dict, config_to_dict, deep_merge
 from tokenizer.bsq import BSQConfig, BSQOutput, BSQuantizer, bits_to_quantized
 from tokenizer.text_encoder import TextConfig, TextEncoder
-from tokenizer.vit import ViTConfig, ViTDecoder, ViTEncoder
+from tokenizer.vit import ViTConfig, ViTDecoder, ViTEncoder, ViTEncoderOutput
 
 __all__ = [
     "ViTConfig", "TextConfig", "QLIPConfig", "PresetRow", "PRESET_ROWS", "PRESETS",
@@ -64,6 +64,9 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------
 # Config
 # ---------------------------------------------------------------------------------------------
+
+IMAGE_POOLS = ("cls", "mean", "attention")  # QLIPConfig.image_pool values
+
 
 @dataclasses.dataclass
 class QLIPConfig:
@@ -79,6 +82,10 @@ class QLIPConfig:
     bottleneck_act: Literal["gelu", "tanh"] = "gelu"
     init_temperature: float = 0.07  # logit_scale starts at ln(1 / init_temperature)
     max_logit_scale: float = 100.0  # logit_scale is clamped to ln(max_logit_scale) when used
+    # What the contrastive image embedding reads (ImageEmbeddingHead): "cls" (QLIP / EVA-CLIP: the
+    # last block's [CLS] state), "mean" (mean of the last patch states) or "attention" (one more
+    # attention step of a learned query over the last states, SigLIP's MAP pooling without its MLP).
+    image_pool: Literal["cls", "mean", "attention"] = "cls"
 
     @property
     def bottleneck_width(self) -> int:
@@ -103,6 +110,9 @@ class QLIPConfig:
         if self.bottleneck_act not in ("gelu", "tanh"):
             raise ConfigError(f"QLIPConfig.bottleneck_act must be 'gelu' or 'tanh', got "
                               f"{self.bottleneck_act!r}")
+        if self.image_pool not in IMAGE_POOLS:
+            raise ConfigError(f"QLIPConfig.image_pool must be one of {', '.join(IMAGE_POOLS)}, got "
+                              f"{self.image_pool!r}")
         if not self.init_temperature > 0:
             raise ConfigError(f"QLIPConfig.init_temperature must be > 0, got "
                               f"{self.init_temperature}")
@@ -202,22 +212,40 @@ class EncodeOutput(NamedTuple):
 class QLIPOutput(NamedTuple):
     image_embeds: torch.Tensor  # (B, E) L2-normalised
     text_embeds: torch.Tensor | None  # (B_text, E) L2-normalised; None without text input
-    reconstruction: torch.Tensor  # (B, 3, H, W) in [-1, 1] (straight-through clamp)
+    reconstruction: torch.Tensor  # (B_dec, 3, H, W) in [-1, 1] (straight-through clamp); the first
+    #   B_dec <= B images (forward's decode_count)
     bsq: BSQOutput  # codes and the quantizer's loss / metrics
     logit_scale: torch.Tensor  # () exp of the clamped learnable log-scale
 
 
 class ImageEmbeddingHead(nn.Module):
-    """[CLS] state -> LayerNorm -> Linear -> L2: the image side of the contrastive path."""
+    """Encoder states -> pooled (B, width) -> LayerNorm -> Linear -> L2: the image side of the
+    contrastive path. ``pool`` (:attr:`QLIPConfig.image_pool`) picks what is pooled."""
 
-    def __init__(self, width: int, embed_dim: int, eps: float):
+    def __init__(self, width: int, embed_dim: int, eps: float, pool: str = "cls", heads: int = 1):
         super().__init__()
+        self.pool = pool
+        if pool == "attention":
+            self.probe = nn.Parameter(torch.zeros(1, 1, width))
+            nn.init.trunc_normal_(self.probe, std=0.02, a=-0.04, b=0.04)
+            self.pool_norm = nn.LayerNorm(width, eps=eps)
+            self.pool_attn = nn.MultiheadAttention(width, heads, batch_first=True)
         self.norm = nn.LayerNorm(width, eps=eps)
         self.proj = nn.Linear(width, embed_dim, bias=False)
         nn.init.normal_(self.proj.weight, std=width ** -0.5)
 
-    def forward(self, cls: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.proj(self.norm(cls)), dim=-1)
+    def pooled(self, features: ViTEncoderOutput) -> torch.Tensor:
+        """(B, width): the [CLS] state, the patch mean, or the probe's attention read-out."""
+        if self.pool == "cls":
+            return features.cls
+        if self.pool == "mean":
+            return features.patches.mean(dim=1)
+        tokens = self.pool_norm(torch.cat([features.cls[:, None], features.patches], dim=1))  # (B, 1 + N, width)
+        probe = self.probe.expand(tokens.shape[0], -1, -1)  # (B, 1, width)
+        return self.pool_attn(probe, tokens, tokens, need_weights=False)[0][:, 0]
+
+    def forward(self, features: ViTEncoderOutput) -> torch.Tensor:
+        return F.normalize(self.proj(self.norm(self.pooled(features))), dim=-1)
 
 
 def _mlp(d_in: int, hidden: int, d_out: int, act: str) -> nn.Sequential:
@@ -269,7 +297,8 @@ class QLIP(nn.Module):
         self.config = config
         self.encoder = ViTEncoder(config.encoder)
         self.image_head = ImageEmbeddingHead(config.encoder.width, config.embed_dim,
-                                             config.encoder.layer_norm_eps)
+                                             config.encoder.layer_norm_eps, config.image_pool,
+                                             config.encoder.heads)
         self.bottleneck = Bottleneck(config)
         self.quantizer = BSQuantizer(config.bsq)
         self.decoder = ViTDecoder(config.decoder)
@@ -316,11 +345,11 @@ class QLIP(nn.Module):
         """(B, 3, H, W) in [-1, 1] -> image embedding, BSQ codes and pre-quantization latents."""
         features = self._trunk(pixels)
         latents = self.bottleneck.to_unit(features.patches)  # (B, N, L)
-        return EncodeOutput(self.image_head(features.cls), self.quantizer(latents), latents)
+        return EncodeOutput(self.image_head(features), self.quantizer(latents), latents)
 
     def encode_image_embeds(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, E) L2-normalised image embeddings (skips the quantizer)."""
-        return self.image_head(self._trunk(pixels).cls)
+        return self.image_head(self._trunk(pixels))
 
     def encode_codes(self, pixels: torch.Tensor) -> BSQOutput:
         """(B, 3, H, W) -> BSQOutput with bits (B, N, L) and group_indices (B, N, G), row-major."""
@@ -360,10 +389,14 @@ class QLIP(nn.Module):
         return self.logit_scale.clamp(max=math.log(self.config.max_logit_scale)).exp().squeeze(0)
 
     def forward(self, pixels: torch.Tensor, text_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None) -> QLIPOutput:
-        """Everything a training step needs; text embeddings only when ``text_ids`` is given."""
+                attention_mask: torch.Tensor | None = None, decode_count: int | None = None) -> QLIPOutput:
+        """Everything a training step needs; text embeddings only when ``text_ids`` is given.
+        ``decode_count``: decode only the first that many images (None: all); the decoder costs
+        as much as the encoder, and the reconstruction loss needs fewer images than the contrastive
+        one (``TokenizerTrainConfig.recon_fraction``)."""
         encoded = self.encode(pixels)
-        reconstruction = self.decode_codes(encoded.codes.quantized)
+        quantized = encoded.codes.quantized if decode_count is None else encoded.codes.quantized[:decode_count]
+        reconstruction = self.decode_codes(quantized)  # (decode_count or B, 3, H, W)
         text_embeds = None
         if text_ids is not None:
             text_embeds = self.encode_text(text_ids, attention_mask)

@@ -53,6 +53,10 @@ class TokenizerTrainConfig:
     lr_mult: dict[str, float] = dataclasses.field(default_factory=dict)  # part name -> multiplier
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)
+    # Fraction of each micro-batch that is decoded and scored by the reconstruction terms (MSE,
+    # perceptual, GAN); every image still feeds the contrastive and BSQ terms. The decoder costs as
+    # much as the encoder, so < 1 buys steps for a time budget.
+    recon_fraction: float = 1.0
     steps: int = 1000  # with time_budget_s: the most steps the plan may reach
     # > 0: train for about this many seconds of training-loop wall time (not the balancing pilots);
     # the step count is planned from the measured step time and the LR schedule ends on it
@@ -78,6 +82,8 @@ class TokenizerTrainConfig:
         unknown = sorted(set(self.lr_mult) - set(PARTS))
         if unknown:
             raise ConfigError(f"lr_mult has unknown parts {unknown}; parts: {', '.join(PARTS)}")
+        if not 0 < self.recon_fraction <= 1:
+            raise ConfigError(f"recon_fraction must be in (0, 1], got {self.recon_fraction}")
         if self.steps < 1 or self.log_every < 1:
             raise ConfigError("steps and log_every must be >= 1")
         if self.time_budget_s < 0:
@@ -85,6 +91,11 @@ class TokenizerTrainConfig:
         if not 0 <= self.stop_at <= self.steps:
             raise ConfigError(f"stop_at must be in [0, steps={self.steps}], got {self.stop_at}")
         validate_fault_config(self.max_skip_fraction, self.max_nonfinite_steps, self.keep_last)
+
+    def recon_images(self, batch: int) -> int:
+        """How many of a micro-batch's ``batch`` images are decoded and reconstruction-scored (the
+        first ones; at least one)."""
+        return max(1, min(batch, round(batch * self.recon_fraction)))
 
 
 def lr_prefixes(lr_mult: dict[str, float]) -> dict[str, float]:

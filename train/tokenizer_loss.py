@@ -33,9 +33,10 @@ def stage1_loss_terms(model: QLIP, out: QLIPOutput, pixels: torch.Tensor, labels
     negatives for every image (positives where their label matches); every rank must pass them or
     none, since they are gathered.
     """
-    recon = mse_loss(out.reconstruction, pixels)
+    decoded = pixels[: out.reconstruction.shape[0]]  # the forward may decode only the first images
+    recon = mse_loss(out.reconstruction, decoded)
     total = weights.recon * recon + weights.quantizer * out.bsq.loss
-    terms = {"recon": recon, "quantizer": out.bsq.loss, "psnr_db": psnr(out.reconstruction.detach(), pixels),
+    terms = {"recon": recon, "quantizer": out.bsq.loss, "psnr_db": psnr(out.reconstruction.detach(), decoded),
              "code_entropy_bits": out.bsq.used_entropy_bits,
              "codebook_entropy": out.bsq.codebook_entropy, "per_sample_entropy": out.bsq.per_sample_entropy}
     if out.text_embeds is not None:

@@ -64,12 +64,14 @@ class StageRunner:
         if self.use_text:
             text_ids, mask = with_negatives(batch)
             text_ids, mask = text_ids.to(pixels.device), mask.to(pixels.device)
-        out = self.engine(pixels, text_ids, mask)
+        decode_count = self.cfg.recon_images(len(pixels))
+        out = self.engine(pixels, text_ids, mask, None if decode_count == len(pixels) else decode_count)
+        real = pixels[:decode_count]  # the images the reconstruction terms compare against
         # recon·MSE + quantizer·BSQ (+ align·CLIP with text): the stage-1 loss, shared with the bench
         total, terms = stage1_loss_terms(self.model, out, pixels, batch.labels, self.weights,
                                          batch.negative_labels if self.use_text else None)
         if self.perceptual is not None:
-            perceptual = self.perceptual(out.reconstruction, pixels)
+            perceptual = self.perceptual(out.reconstruction, real)
             total = total + self.cfg.perceptual.weight * perceptual
             terms["perceptual"] = perceptual
         if self.disc is not None and step >= self.cfg.gan.start_step:
@@ -80,7 +82,7 @@ class StageRunner:
             total = total + self.cfg.gan.gan_weight * gan
             terms["gan_g"] = gan
         terms["total"] = total
-        return total, {**terms, "_fake": out.reconstruction.detach(), "_real": pixels}
+        return total, {**terms, "_fake": out.reconstruction.detach(), "_real": real}
 
     def _discriminator_step(self, real: torch.Tensor, fake: torch.Tensor) -> dict:
         real = real.detach().requires_grad_(True)

@@ -1,0 +1,39 @@
+"""The stage-1 objective with a partial reconstruction (``recon_fraction``): which images the
+reconstruction terms score, and the config's checks."""
+import pytest
+import torch
+
+from mmcore.config import ConfigError
+from tokenizer.losses import mse_loss, psnr
+from tokenizer.qlip import build_qlip, preset_config
+from train.tokenizer_config import LossWeights, TokenizerTrainConfig
+from train.tokenizer_loss import stage1_loss_terms
+
+
+def test_partial_reconstruction_scores_only_the_decoded_images():
+    torch.manual_seed(0)
+    model = build_qlip(preset_config("tiny", {"text": None})).eval()
+    pixels = torch.rand(4, 3, 32, 32) * 2 - 1
+    weights = LossWeights(recon=100.0, align=1.0, quantizer=1.0)
+    with torch.no_grad():
+        out = model(pixels, decode_count=2)
+        total, terms = stage1_loss_terms(model, out, pixels, labels=[0, 1, 2, 3], weights=weights)
+    assert out.reconstruction.shape[0] == 2
+    assert torch.allclose(terms["recon"], mse_loss(out.reconstruction, pixels[:2]))
+    assert torch.allclose(terms["psnr_db"], psnr(out.reconstruction, pixels[:2]))
+    assert torch.allclose(total, 100.0 * terms["recon"] + out.bsq.loss)
+    # the BSQ term still sees every image: it equals the full forward's
+    with torch.no_grad():
+        assert torch.allclose(out.bsq.loss, model(pixels).bsq.loss)
+
+
+@pytest.mark.parametrize("fraction, batch, expected", [(1.0, 32, 32), (0.5, 32, 16), (0.25, 32, 8),
+                                                       (0.5, 3, 2), (0.01, 8, 1)])
+def test_recon_images_rounds_and_keeps_one(fraction, batch, expected):
+    assert TokenizerTrainConfig(recon_fraction=fraction).recon_images(batch) == expected
+
+
+@pytest.mark.parametrize("fraction", [0.0, -0.5, 1.5])
+def test_recon_fraction_outside_unit_interval_is_an_error(fraction):
+    with pytest.raises(ConfigError, match="recon_fraction"):
+        TokenizerTrainConfig(recon_fraction=fraction).validate()
