@@ -6,6 +6,7 @@ bits) and a ~40-image ShapesWorld, so the whole file takes seconds.
 import io
 import json
 import re
+import runpy
 from itertools import islice
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from tokenizer.qlip import QLIP, preset_config
 from unified_mm import tokenizer_cli
 from unified_mm.data import shapesworld_cli
 from unified_mm.data.shards import ShardDataset, resolve_shards
+from unified_mm.tokenizer_eval import evaluate_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = {"encoder": {"width": 32, "depth": 1, "heads": 2}, "decoder": {"width": 32, "depth": 1, "heads": 2},
@@ -179,6 +181,28 @@ def test_zero_shot(env, capsys, tmp_path):
     code, _, err = run(capsys, "zero-shot", "--tokenizer", root / "export_notext", images[0],
                        "--labels", "a red circle", "a blue square")
     assert code == 2 and err.startswith("error:") and "no text tower" in err and "export_notext" in err
+
+
+def test_zero_shot_breakdown_bench(env, capsys, tmp_path):
+    """bench/zero_shot_breakdown.py: its prompt accuracy is the evaluation's zero-shot accuracy."""
+    root, _ = env
+    bench = runpy.run_path(str(ROOT / "bench" / "zero_shot_breakdown.py"))
+    out = tmp_path / "zs.json"
+    assert bench["main"](["--tokenizer", str(root / "export"), "--data", str(root / "data"), "--split", "test",
+                          "--prototype-images", "20", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    loaded = load_tokenizer(root / "export")
+    expected = evaluate_tokenizer(loaded.model, loaded.text_tokenizer, root / "data", split="test", progress=False)
+    assert result["images"] == expected["zero_shot_images"]
+    assert result["prompt_accuracy"] == pytest.approx(expected["zero_shot_acc"])
+    assert 0 <= result["prototype_accuracy"] <= 1 and -1 <= result["prompt_prototype_cosine"] <= 1
+    sizes = [row for key, row in result["per_group"].items() if key in ("small", "large")]
+    assert sum(row["n"] for row in sizes) == result["images"]
+    wrong = round(result["images"] * (1 - result["prompt_accuracy"]))
+    assert sum(result["confusions"].values()) == wrong
+    capsys.readouterr()
+    assert bench["main"](["--tokenizer", str(root / "export_notext"), "--data", str(root / "data")]) == 2
+    assert "no text tower" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------
