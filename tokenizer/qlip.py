@@ -391,9 +391,8 @@ class QLIP(nn.Module):
     def forward(self, pixels: torch.Tensor, text_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, decode_count: int | None = None) -> QLIPOutput:
         """Everything a training step needs; text embeddings only when ``text_ids`` is given.
-        ``decode_count``: decode only the first that many images (None: all); the decoder costs
-        as much as the encoder, and the reconstruction loss needs fewer images than the contrastive
-        one (``TokenizerTrainConfig.recon_fraction``)."""
+        ``decode_count``: decode only the first that many images (None: all), for a training step
+        that scores reconstruction on part of the batch (``TokenizerTrainConfig.recon_fraction``)."""
         encoded = self.encode(pixels)
         quantized = encoded.codes.quantized if decode_count is None else encoded.codes.quantized[:decode_count]
         reconstruction = self.decode_codes(quantized)  # (decode_count or B, 3, H, W)

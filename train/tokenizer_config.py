@@ -55,7 +55,8 @@ class TokenizerTrainConfig:
     engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)
     # Fraction of each micro-batch that is decoded and scored by the reconstruction terms (MSE,
     # perceptual, GAN); every image still feeds the contrastive and BSQ terms. The decoder costs as
-    # much as the encoder, so < 1 buys steps for a time budget.
+    # much as the encoder, so < 1 buys steps for a time budget, though in the demo's stage 1 it cost
+    # zero-shot accuracy (configs/tokenizer/tiny_stage1.yaml).
     recon_fraction: float = 1.0
     steps: int = 1000  # with time_budget_s: the most steps the plan may reach
     # > 0: train for about this many seconds of training-loop wall time (not the balancing pilots);
