@@ -36,7 +36,7 @@ from tokenizer.export import load_tokenizer  # noqa: E402
 from tokenizer.zero_shot import class_embeddings  # noqa: E402
 from unified_mm.data.pixels import image_to_pixels  # noqa: E402
 from unified_mm.data.shards import ShardDataset, resolve_shards  # noqa: E402
-from unified_mm.tokenizer_eval import colour_shape_classes, data_config  # noqa: E402
+from unified_mm.tokenizer_eval import DEFAULT_TEMPLATES, colour_shape_classes, data_config  # noqa: E402
 
 
 def single_object_samples(data: str, split: str, limit: int | None) -> list:
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    prompts = class_embeddings(model, loaded.text_tokenizer, [[f"a {c} {s}"] for c, s in classes])  # (C, E)
+    prompts = class_embeddings(model, loaded.text_tokenizer, [[t.format(colour=c, shape=s) for t in DEFAULT_TEMPLATES] for c, s in classes])  # (C, E)
     embeds = image_embeds(model, samples)  # (N, E)
     labels = torch.tensor([class_index(s, classes) for s in samples])
     reference_embeds = image_embeds(model, references)

@@ -43,7 +43,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import torch
 import torch.nn as nn
@@ -65,7 +65,8 @@ __all__ = [
 # Config
 # ---------------------------------------------------------------------------------------------
 
-IMAGE_POOLS = ("cls", "mean", "attention")  # QLIPConfig.image_pool values
+ImagePool = Literal["cls", "mean", "attention"]  # QLIPConfig.image_pool
+IMAGE_POOLS = get_args(ImagePool)
 
 
 @dataclasses.dataclass
@@ -85,7 +86,7 @@ class QLIPConfig:
     # What the contrastive image embedding reads (ImageEmbeddingHead): "cls" (QLIP / EVA-CLIP: the
     # last block's [CLS] state), "mean" (mean of the last patch states) or "attention" (one more
     # attention step of a learned query over the last states, SigLIP's MAP pooling without its MLP).
-    image_pool: Literal["cls", "mean", "attention"] = "cls"
+    image_pool: ImagePool = "cls"
 
     @property
     def bottleneck_width(self) -> int:

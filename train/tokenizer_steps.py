@@ -65,7 +65,7 @@ class StageRunner:
             text_ids, mask = with_negatives(batch)
             text_ids, mask = text_ids.to(pixels.device), mask.to(pixels.device)
         decode_count = self.cfg.recon_images(len(pixels))
-        out = self.engine(pixels, text_ids, mask, None if decode_count == len(pixels) else decode_count)
+        out = self.engine(pixels, text_ids, mask, decode_count)
         real = pixels[:decode_count]  # the images the reconstruction terms compare against
         # recon·MSE + quantizer·BSQ (+ align·CLIP with text): the stage-1 loss, shared with the bench
         total, terms = stage1_loss_terms(self.model, out, pixels, batch.labels, self.weights,
