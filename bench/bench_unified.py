@@ -10,6 +10,9 @@ measured ceiling, not a datasheet. FLOPs per token use the usual estimate
 ``6·N + 12·layers·seq·hidden`` (N: matmul parameters incl. the LM head, not the embedding
 lookup; the second term is attention scores and values, forward + backward).
 On CUDA the step runs under bf16 autocast with fp32 master weights (the usual mixed precision).
+``--loss hidden`` computes the output layer only at labelled positions, as the trainer does under
+ZeRO 0-2 (``train/unified.py: forward_losses``); on random ids every position is labelled, so it
+measures that path's overhead, not its saving (FLOPs are counted the same either way).
 Plain PyTorch, no DeepSpeed: this measures the model, not the data-parallel machinery.
 """
 from __future__ import annotations
@@ -25,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from unified_mm.loss import modality_token_losses  # noqa: E402
+from unified_mm.loss import modality_token_losses, modality_token_losses_from_hidden  # noqa: E402
 from unified_mm.model import UnifiedModelConfig, build_model  # noqa: E402
 from unified_mm.vocab import Vocab  # noqa: E402
 
@@ -65,8 +68,18 @@ def flops_per_token(model, seq: int) -> float:
     return 6 * matmul_params(model) + 12 * cfg.num_hidden_layers * seq * cfg.hidden_size
 
 
+def step_loss(model, ids: torch.Tensor, vocab: Vocab, autocast, loss_path: str) -> torch.Tensor:
+    """One forward + modality-separated loss, through the full logits or the trainer's hidden path."""
+    with autocast:
+        if loss_path == "hidden":
+            hidden = model.model(input_ids=ids).last_hidden_state
+            return modality_token_losses_from_hidden(hidden, model.lm_head, ids, vocab).losses.mean()
+        logits = model(input_ids=ids).logits
+    return modality_token_losses(logits, ids, vocab).losses.mean()
+
+
 def bench_preset(preset: str, vocab: Vocab, device: torch.device, seq: int, batch: int, steps: int,
-                 warmup: int, checkpointing: bool) -> dict:
+                 warmup: int, checkpointing: bool, loss_path: str = "logits") -> dict:
     torch.manual_seed(0)
     model = build_model(UnifiedModelConfig(preset=preset, gradient_checkpointing=checkpointing), vocab).to(device)
     model.train()
@@ -79,9 +92,7 @@ def bench_preset(preset: str, vocab: Vocab, device: torch.device, seq: int, batc
     for index in range(warmup + steps):
         sync(device)
         start = time.perf_counter()
-        with autocast:
-            logits = model(input_ids=ids).logits
-        loss = modality_token_losses(logits, ids, vocab).losses.mean()
+        loss = step_loss(model, ids, vocab, autocast, loss_path)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -94,7 +105,7 @@ def bench_preset(preset: str, vocab: Vocab, device: torch.device, seq: int, batc
            "matmul_params_m": matmul_params(model) / 1e6, "seq": seq, "batch": batch, "steps": steps,
            "step_s": step_s, "tokens_per_s": tokens_per_s,
            "achieved_tflops": tokens_per_s * flops_per_token(model, seq) / 1e12,
-           "gradient_checkpointing": checkpointing}
+           "gradient_checkpointing": checkpointing, "loss": loss_path}
     if device.type == "cuda":
         row["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
     del model, optimizer
@@ -112,6 +123,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=5, help="timed steps (after --warmup)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
+    parser.add_argument("--loss", default="logits", choices=["logits", "hidden"],
+                        help="logits: full (B, T, V) logits; hidden: output layer at labelled positions only")
     parser.add_argument("--out", default="", help="also write the results as JSON here")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -126,13 +139,14 @@ def main() -> int:
           f"{torch.get_num_threads()} threads)", flush=True)
     rows = []
     for preset in [p for p in args.presets.split(",") if p]:
-        row = bench_preset(preset, vocab, device, args.seq, args.batch, args.steps, args.warmup, args.checkpointing)
+        row = bench_preset(preset, vocab, device, args.seq, args.batch, args.steps, args.warmup, args.checkpointing,
+                           args.loss)
         row["mfu"] = row["achieved_tflops"] / peak["tflops"]
         rows.append(row)
         mem = f", peak mem {row['peak_mem_gb']:.1f} GB" if "peak_mem_gb" in row else ""
         print(f"{preset:>14}: {row['params_m']:.1f}M params, {row['tokens_per_s']:,.0f} tokens/s, "
               f"{row['step_s']:.3f} s/step (batch {args.batch} x {args.seq}), {row['achieved_tflops']:.3f} TFLOP/s, "
-              f"MFU {row['mfu']:.1%}{mem}", flush=True)
+              f"MFU {row['mfu']:.1%}{mem}, loss path {args.loss}", flush=True)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"peak": peak, "vocab": vocab.to_dict(), "rows": rows}, indent=2) + "\n")

@@ -153,6 +153,15 @@ VARIANTS = {
     "hl_deep6_iw0.25_pos2d_3000": Variant("tiny", 3000, 4e-3, MULTI_QA_MIX, chat_turns=5, max_length=224,
                                           bit_init=True, image_weight=0.25, pos2d=True, hidden_loss=True,
                                           overrides={"num_hidden_layers": 6}),
+    # session 13, on the lent GPU: the demo's configuration for 12,000 steps (16x the CPU demo's),
+    # at its lr and at 1e-3, and with 6 layers: does VQA pass 80% with enough steps?
+    "hl_iw0.25_pos2d_12k": Variant("tiny", 12000, 4e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True,
+                                   image_weight=0.25, pos2d=True, hidden_loss=True),
+    "hl_iw0.25_pos2d_lr1e-3_12k": Variant("tiny", 12000, 1e-3, MULTI_QA_MIX, chat_turns=5, max_length=224,
+                                          bit_init=True, image_weight=0.25, pos2d=True, hidden_loss=True),
+    "hl_deep6_iw0.25_pos2d_12k": Variant("tiny", 12000, 4e-3, MULTI_QA_MIX, chat_turns=5, max_length=224,
+                                         bit_init=True, image_weight=0.25, pos2d=True, hidden_loss=True,
+                                         overrides={"num_hidden_layers": 6}),
     # yes/no questions alone (VQA sequences only): can the model learn them at all?
     "yesno_only_600": Variant("tiny", 600, 4e-3, {"vqa": 1.0}, chat_turns=5, max_length=224, bit_init=True,
                               image_weight=0.25, pos2d=True, hidden_loss=True, qa_types=("yesno",)),
