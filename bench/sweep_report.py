@@ -1,12 +1,31 @@
 """Results of ``bench/tokenizer_sweep.py``: ``sweep.jsonl`` (a row per variant, appended as it
-finishes), ``sweep.md`` (the sorted table, rewritten after every row) and the one-line console summary."""
+finishes), ``sweep.md`` (the sorted table, rewritten after every row) and the one-line console summary.
+
+Variants named ``<name>_s<seed>`` are repeats of one setting with different seeds: the table then
+gets a second section with one line per setting (each seed's zero-shot accuracy, their mean, and
+the mean paired difference to the setting named ``base`` or ``baseline`` over the seeds both ran),
+since single runs of this tokenizer differ by up to ~18 points between seeds. To rebuild the table
+from one or more finished sweeps::
+
+    python bench/sweep_report.py A/sweep.jsonl B/sweep.jsonl --out table.md
+"""
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import re
+import statistics
+import sys
 from pathlib import Path
 
-from mmcore.io import atomic_write_text
+if __package__ in (None, ""):  # run as a script: make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mmcore.io import atomic_write_text  # noqa: E402
+
+SEEDED = re.compile(r"^(?P<setting>.+)_s(?P<seed>\d+)$")
+BASE_SETTINGS = ("base", "baseline")
 
 def fmt(value, spec: str, scale: float = 1.0) -> str:
     return "–" if value is None else format(value * scale, spec)
@@ -44,7 +63,41 @@ def markdown(rows: list[dict], header: dict) -> str:
     lines += ["", "zero-shot: single-object val images classified among all colour x shape prompts; code entropy: "
               "fraction of the bits' maximum. Final align / recon: mean training losses over the last "
               "`log_every` steps."]
+    lines += seed_section(list(latest.values()))
     return "\n".join(lines) + "\n"
+
+
+def seed_groups(rows: list[dict]) -> dict[str, dict[int, dict]]:
+    """{setting: {seed: row}} of the finished rows whose variant is named ``<setting>_s<seed>``."""
+    groups: dict[str, dict[int, dict]] = {}
+    for row in rows:
+        match = SEEDED.match(row["variant"])
+        if match and row["status"] == "ok" and row.get("zero_shot_acc") is not None:
+            groups.setdefault(match["setting"], {})[int(match["seed"])] = row
+    return groups
+
+
+def seed_section(rows: list[dict]) -> list[str]:
+    """Markdown lines of the per-setting table (none unless some setting ran with >= 2 seeds)."""
+    groups = seed_groups(rows)
+    if not any(len(seeds) >= 2 for seeds in groups.values()):
+        return []
+    base = next((groups[name] for name in BASE_SETTINGS if name in groups), {})
+    lines = ["", "## Per setting, over seeds", "",
+             "Paired Δ: the mean of (setting − base) zero-shot over the seeds both ran (their count in brackets).", "",
+             "| setting | seeds | zero-shot per seed | mean | paired Δ vs base | PSNR dB (mean) | judge (mean) |",
+             "|---|---|---|---|---|---|---|"]
+    def mean_of(seeds: dict[int, dict], key: str) -> float | None:
+        values = [row[key] for row in seeds.values() if row.get(key) is not None]
+        return statistics.mean(values) if values else None
+    for setting, seeds in sorted(groups.items(), key=lambda item: -mean_of(item[1], "zero_shot_acc")):
+        per_seed = ", ".join(f"s{seed} {fmt(row['zero_shot_acc'], '.1f', 100)}%" for seed, row in sorted(seeds.items()))
+        paired = [row["zero_shot_acc"] - base[seed]["zero_shot_acc"] for seed, row in seeds.items() if seed in base]
+        delta = "" if seeds is base or not paired else f"{100 * statistics.mean(paired):+.1f} ({len(paired)})"
+        lines.append(f"| {setting} | {len(seeds)} | {per_seed} | {fmt(mean_of(seeds, 'zero_shot_acc'), '.1f', 100)}% "
+                     f"| {delta} | {fmt(mean_of(seeds, 'psnr_db'), '.2f')} "
+                     f"| {fmt(mean_of(seeds, 'judge_recon_acc'), '.1f', 100)}% |")
+    return lines
 
 
 class Results:
@@ -80,3 +133,33 @@ def summary_line(row: dict, done: int, total: int) -> str:
             f"codes {fmt(row.get('code_entropy_fraction'), '.2f')}  "
             f"{row['steps']} x {row['batch']}  {row['seconds']:.0f} s (train {row['train_seconds']:.0f}, "
             f"{row['step_ms']:.0f} ms/step)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Rebuild a sweep's Markdown table from sweep.jsonl files.")
+    parser.add_argument("jsonl", nargs="+", type=Path, help="sweep.jsonl files (later rows of a variant win)")
+    parser.add_argument("--out", type=Path, required=True, help="Markdown file to write")
+    parser.add_argument("--base", default="configs/tokenizer/tiny_stage1.yaml", help="base config named in the header")
+    parser.add_argument("--data", default="ShapesWorld", help="data named in the header")
+    parser.add_argument("--device", default="", help="device named in the header")
+    args = parser.parse_args(argv)
+    rows = []
+    for path in args.jsonl:
+        if not path.is_file():
+            print(f"error: {path}: no such file", file=sys.stderr)
+            return 2
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    print(f"error: {path}:{number}: not JSON ({err})", file=sys.stderr)
+                    return 2
+    device = args.device or ", ".join(sorted({str(row.get("device", "?")) for row in rows}))
+    atomic_write_text(args.out, markdown(rows, {"base": args.base, "data": args.data, "device": device}))
+    print(f"wrote {args.out}: {len(rows)} rows")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
