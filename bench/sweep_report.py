@@ -42,7 +42,7 @@ def markdown(rows: list[dict], header: dict) -> str:
     base = latest.get("baseline", {}).get("zero_shot_acc")
     lines = ["# Tokenizer stage-1 sweep", "",
              f"Base `{header['base']}`, data `{header['data']}`, device {header['device']}, seed from the base "
-             f"config, sorted by zero-shot colour+shape accuracy. Made by `bench/tokenizer_sweep.py` "
+             f"config unless a variant sets one, sorted by zero-shot colour+shape accuracy. Made by `bench/tokenizer_sweep.py` "
              f"(plain PyTorch, no DeepSpeed); per-variant logs in `variants/<name>/`.", "",
              "| variant | zero-shot | Δ vs baseline | PSNR dB | judge on recon | code entropy | steps × batch "
              "| final align / recon | s (train) | overrides |",
