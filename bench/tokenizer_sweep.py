@@ -25,10 +25,11 @@ So it imports only the deepspeed-free modules (``train.optim``, ``train.tokenize
 ``train.tokenizer_loss``, ``train.tokenizer_data``), never ``train.tokenizer`` or ``train.ds_engine``.
 What differs from the demo: one process reads the shards instead of two (a different, equally
 shuffled order), and on CUDA matmuls use TF32 (``--no-tf32`` for strict fp32) with fused AdamW.
-Measured caveat (session 13, ``docs/measurements/sweep_zs_gpu.md``): at the demo's 1,100 x 64
-steps the committed config averaged 77.0% zero-shot over 6 seeds here on a GPU, against 84.0% over
-4 seeds in the demo's trainer on CPU, and reconstruction weight 50's +8.3 points here came out as
-+1.6 (within the seeds' spread) there. Treat a sweep's gain as a lead to check in the trainer.
+Measured caveat (session 13, ``docs/measurements/sweep_zs_gpu.md``): single runs are chaotic. The
+same seed and data order on CPU (fp32) and GPU (TF32) gave 83.7 vs 74.7% and 74.7 vs 84.3%
+zero-shot at 1,100 x 64 steps; the means agree. Compare settings over several seeds
+(``<setting>_s<seed>`` variants get a per-setting table), and check a gain in the trainer:
+reconstruction weight 50's +8.3 points paired over 6 seeds here came out as +2.9 over 6 seeds there.
 
 Data: ShapesWorld (``configs/data/shapesworld.yaml``) and the sentencepiece text tokenizer
 (``configs/text_tokenizer.yaml``) are built with the project's CLIs when ``--data`` /
