@@ -151,10 +151,16 @@ def main(argv: list[str] | None = None) -> int:
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             if line.strip():
                 try:
-                    rows.append(json.loads(line))
+                    row = json.loads(line)
                 except json.JSONDecodeError as err:
                     print(f"error: {path}:{number}: not JSON ({err})", file=sys.stderr)
                     return 2
+                if not (isinstance(row, dict) and isinstance(row.get("variant"), str)
+                        and isinstance(row.get("status"), str) and isinstance(row.get("overrides"), list)):
+                    print(f"error: {path}:{number}: not a sweep row (needs variant, status and overrides)",
+                          file=sys.stderr)
+                    return 2
+                rows.append(row)
     device = args.device or ", ".join(sorted({str(row.get("device", "?")) for row in rows}))
     atomic_write_text(args.out, markdown(rows, {"base": args.base, "data": args.data, "device": device}))
     print(f"wrote {args.out}: {len(rows)} rows")

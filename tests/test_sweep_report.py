@@ -44,7 +44,12 @@ def test_main_rebuilds_the_table_from_several_files(tmp_path, capsys):
     assert "device cuda" in text and "| hn8_s0 | 75.0%" in text and "| hn8 | 1 | s0 75.0% | 75.0% | +5.0 (1)" in text
 
 
-@pytest.mark.parametrize("content, message", [(None, "no such file"), ('{"variant": "x"}\nnot json\n', "b.jsonl:2: not JSON")])
+@pytest.mark.parametrize("content, message", [
+    (None, "no such file"),
+    ('{"variant": "x", "status": "ok", "overrides": []}\nnot json\n', "b.jsonl:2: not JSON"),
+    ('{"variant": "x", "status": "ok", "overrides": []}\n{"variant": "y"}\n', "b.jsonl:2: not a sweep row"),
+    ('[1, 2]\n', "b.jsonl:1: not a sweep row"),
+])
 def test_main_names_the_bad_file(tmp_path, capsys, content, message):
     path = tmp_path / "b.jsonl"
     if content is not None:
