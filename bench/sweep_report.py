@@ -22,6 +22,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from eval.json_fields import iter_jsonl  # noqa: E402
+from mmcore.errors import UserError, cli_entry  # noqa: E402
 from mmcore.io import atomic_write_text  # noqa: E402
 
 SEEDED = re.compile(r"^(?P<setting>.+)_s(?P<seed>\d+)$")
@@ -100,6 +102,18 @@ def seed_section(rows: list[dict]) -> list[str]:
     return lines
 
 
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a ``sweep.jsonl``; a missing file, a line that is not JSON or not a sweep row
+    (an object with ``variant``, ``status`` and ``overrides``) is a UserError naming file and line."""
+    rows = []
+    for number, row in iter_jsonl(path, "sweep results"):
+        if not (isinstance(row, dict) and isinstance(row.get("variant"), str)
+                and isinstance(row.get("status"), str) and isinstance(row.get("overrides"), list)):
+            raise UserError(f"{path}:{number}: not a sweep row (needs variant, status and overrides)")
+        rows.append(row)
+    return rows
+
+
 class Results:
     """sweep.jsonl (append per row) + sweep.md (rewritten per row)."""
 
@@ -107,7 +121,7 @@ class Results:
         self.jsonl, self.md, self.header = out / "sweep.jsonl", out / "sweep.md", header
         self.rows: list[dict] = []
         if append and self.jsonl.is_file():
-            self.rows = [json.loads(line) for line in self.jsonl.read_text().splitlines() if line.strip()]
+            self.rows = read_rows(self.jsonl)
         else:
             atomic_write_text(self.jsonl, "")
 
@@ -135,6 +149,7 @@ def summary_line(row: dict, done: int, total: int) -> str:
             f"{row['step_ms']:.0f} ms/step)")
 
 
+@cli_entry
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Rebuild a sweep's Markdown table from sweep.jsonl files.")
     parser.add_argument("jsonl", nargs="+", type=Path, help="sweep.jsonl files (later rows of a variant win)")
@@ -143,24 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default="ShapesWorld", help="data named in the header")
     parser.add_argument("--device", default="", help="device named in the header")
     args = parser.parse_args(argv)
-    rows = []
-    for path in args.jsonl:
-        if not path.is_file():
-            print(f"error: {path}: no such file", file=sys.stderr)
-            return 2
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    print(f"error: {path}:{number}: not JSON ({err})", file=sys.stderr)
-                    return 2
-                if not (isinstance(row, dict) and isinstance(row.get("variant"), str)
-                        and isinstance(row.get("status"), str) and isinstance(row.get("overrides"), list)):
-                    print(f"error: {path}:{number}: not a sweep row (needs variant, status and overrides)",
-                          file=sys.stderr)
-                    return 2
-                rows.append(row)
+    rows = [row for path in args.jsonl for row in read_rows(path)]  # all read before anything is written
     device = args.device or ", ".join(sorted({str(row.get("device", "?")) for row in rows}))
     atomic_write_text(args.out, markdown(rows, {"base": args.base, "data": args.data, "device": device}))
     print(f"wrote {args.out}: {len(rows)} rows")

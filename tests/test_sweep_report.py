@@ -45,8 +45,8 @@ def test_main_rebuilds_the_table_from_several_files(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("content, message", [
-    (None, "no such file"),
-    ('{"variant": "x", "status": "ok", "overrides": []}\nnot json\n', "b.jsonl:2: not JSON"),
+    (None, "sweep results not found"),
+    ('{"variant": "x", "status": "ok", "overrides": []}\nnot json\n', "b.jsonl:2: invalid JSON"),
     ('{"variant": "x", "status": "ok", "overrides": []}\n{"variant": "y"}\n', "b.jsonl:2: not a sweep row"),
     ('[1, 2]\n', "b.jsonl:1: not a sweep row"),
 ])
