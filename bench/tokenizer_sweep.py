@@ -54,10 +54,8 @@ import dataclasses
 import json
 import math
 import os
-import queue
 import subprocess
 import sys
-import threading
 import time
 import traceback
 from pathlib import Path
@@ -67,7 +65,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from mmcore.config import (ConfigError, config_to_dict, load_config, save_config)  # noqa: E402
+from mmcore.config import ConfigError, load_config, save_config  # noqa: E402
 from mmcore.errors import UserError, cli_entry  # noqa: E402
 from mmcore.io import atomic_write_json  # noqa: E402
 from mmcore.text_tokenizer import TextTokenizer  # noqa: E402
@@ -78,11 +76,10 @@ from train.tokenizer_config import TokenizerTrainConfig, lr_prefixes  # noqa: E4
 from train.tokenizer_data import image_text_batches, with_negatives  # noqa: E402
 from train.tokenizer_loss import stage1_loss_terms  # noqa: E402
 
+from bench.sweep_data import DATA_CONFIG, Prefetch, ensure_data  # noqa: E402
 from bench.sweep_report import Results, summary_line  # noqa: E402
 
 DEFAULT_SWEEP = "bench/tokenizer_sweep.yaml"
-DATA_CONFIG = "configs/data/shapesworld.yaml"
-TEXT_TOKENIZER_CONFIG = "configs/text_tokenizer.yaml"
 FINAL_KEYS = ("total", "recon", "align", "quantizer", "psnr_db", "i2t_acc", "t2i_acc", "code_entropy_bits")
 
 
@@ -141,73 +138,6 @@ def variant_config(args, sweep: SweepConfig, variant: Variant) -> TokenizerTrain
 
 def global_batch(cfg: TokenizerTrainConfig, ranks: int) -> int:
     return cfg.engine.micro_batch_size * ranks * cfg.engine.grad_accum_steps
-
-
-# ---------------------------------------------------------------------------------------------
-# Data
-# ---------------------------------------------------------------------------------------------
-
-def ensure_data(data: Path, text_tokenizer: Path, data_overrides: list[str]) -> None:
-    """Build ShapesWorld and the text tokenizer with the project's CLIs where they are missing."""
-    from unified_mm.data import shapesworld_cli
-    from unified_mm.data.shapesworld import ShapesWorldConfig
-    from unified_mm.tokenizer_eval import data_config
-    from train import text_tokenizer as text_tokenizer_cli
-
-    wanted = load_config(ShapesWorldConfig, ROOT / DATA_CONFIG, data_overrides)
-    if (data / "manifest.json").is_file():
-        if config_to_dict(data_config(data)) != config_to_dict(wanted):
-            raise UserError(f"--data {data} holds a dataset built with other settings than "
-                            f"{DATA_CONFIG} + --data-overrides {data_overrides}; delete it or pass another --data")
-        print(f"data: reusing {data}", flush=True)
-    else:
-        print(f"data: generating ShapesWorld into {data} ({DATA_CONFIG} {' '.join(data_overrides)})", flush=True)
-        rc = shapesworld_cli.main(["--config", str(ROOT / DATA_CONFIG), "--out", str(data), "--overwrite",
-                                   "--quiet", *data_overrides])
-        if rc:
-            raise UserError(f"ShapesWorld generation failed (exit {rc})")
-    if text_tokenizer.is_file():
-        print(f"text tokenizer: reusing {text_tokenizer}", flush=True)
-        return
-    rc = text_tokenizer_cli.main(["--config", str(ROOT / TEXT_TOKENIZER_CONFIG), f"data={data}",
-                                  f"out={text_tokenizer}"])
-    if rc:
-        raise UserError(f"text tokenizer training failed (exit {rc})")
-
-
-class Prefetch:
-    """Runs a batch iterator in a background thread (PNG decoding overlaps the training step)."""
-
-    def __init__(self, iterator, depth: int = 4):
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._fill, args=(iterator,), daemon=True)
-        self._thread.start()
-
-    def _fill(self, iterator) -> None:
-        try:
-            for item in iterator:
-                while not self._stop.is_set():
-                    try:
-                        self._queue.put(item, timeout=0.2)
-                        break
-                    except queue.Full:
-                        continue
-                if self._stop.is_set():
-                    return
-            self._queue.put(StopIteration())
-        except BaseException as err:  # noqa: BLE001  (handed to the consumer)
-            self._queue.put(err)
-
-    def __next__(self):
-        item = self._queue.get()
-        if isinstance(item, BaseException):
-            raise item
-        return item
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
 
 
 # ---------------------------------------------------------------------------------------------
