@@ -17,11 +17,13 @@ arguments go to every run (e.g. ``steps=100`` for a quick look). The runs use a 
 count (``FIXED_BUDGET``, the demo config's wall-clock budget switched off): with a time budget
 the arms' lengths would depend on the machine's speed while each ran. A run whose
 ``metrics.json`` exists from the same command is reused, so a stopped ablation resumes where it
-stopped (``--fresh`` reruns everything).
+stopped: reused when the stage-1 YAML and the overrides are unchanged (``--fresh`` reruns
+everything, e.g. after a code change).
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import statistics
@@ -42,7 +44,8 @@ ARMS = {  # name -> loss-weight overrides
     "recon-only": ["weights.align=0.0"],
     "balanced": [],
 }
-COMMAND_FILE = "ablation_command.json"  # the overrides a finished run was made with
+BASE_CONFIG = "configs/tokenizer/tiny_stage1.yaml"
+COMMAND_FILE = "ablation_command.json"  # what a finished run was made with: the YAML's hash + overrides
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -60,13 +63,18 @@ def run_overrides(arm: str, seed: int, out_dir: Path, data: Path, extra: list[st
             f"out_dir={out_dir}", "resume=false", *FIXED_BUDGET, f"seed={seed}", *ARMS[arm], *extra]
 
 
-def finished(out_dir: Path, overrides: list[str]) -> dict | None:
-    """The metrics of a run already made with exactly these overrides, else None."""
+def run_record(overrides: list[str], base_config: Path = ROOT / BASE_CONFIG) -> dict:
+    """What identifies a run: the stage-1 YAML's content and the overrides on it."""
+    return {"config_sha256": hashlib.sha256(base_config.read_bytes()).hexdigest(), "overrides": overrides}
+
+
+def finished(out_dir: Path, record: dict) -> dict | None:
+    """The metrics of a run already made from exactly this record (:func:`run_record`), else None."""
     metrics, command = out_dir / "metrics.json", out_dir / COMMAND_FILE
     if not (metrics.is_file() and command.is_file()):
         return None
     try:
-        if json.loads(command.read_text()) != overrides:
+        if json.loads(command.read_text()) != record:
             return None
         return json.loads(metrics.read_text())
     except (OSError, json.JSONDecodeError):
@@ -76,19 +84,20 @@ def finished(out_dir: Path, overrides: list[str]) -> dict | None:
 def run(arm: str, seed: int, out: Path, data: Path, extra: list[str], fresh: bool) -> dict:
     out_dir = out / f"{arm}_s{seed}"
     overrides = run_overrides(arm, seed, out_dir, data, extra)
-    if not fresh and (done := finished(out_dir, overrides)) is not None:
+    record = run_record(overrides)
+    if not fresh and (done := finished(out_dir, record)) is not None:
         print(f"\n=== {arm}, seed {seed}: reusing {out_dir / 'metrics.json'}", flush=True)
         return done
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                "--master_port", str(find_free_port()), "train/tokenizer.py",
-               "--config", "configs/tokenizer/tiny_stage1.yaml", *overrides]
+               "--config", BASE_CONFIG, *overrides]
     print(f"\n=== {arm}, seed {seed}\n$ {' '.join(command)}", flush=True)
     (out_dir / COMMAND_FILE).unlink(missing_ok=True)
     result = subprocess.run(command, cwd=ROOT, env=os.environ.copy())
     if result.returncode != 0:
         raise UserError(f"ablation: run {arm!r} seed {seed} failed (exit {result.returncode}); "
                         f"its log is above, its directory {out_dir}")
-    atomic_write_text(out_dir / COMMAND_FILE, json.dumps(overrides) + "\n")
+    atomic_write_text(out_dir / COMMAND_FILE, json.dumps(record) + "\n")
     return json.loads((out_dir / "metrics.json").read_text())
 
 

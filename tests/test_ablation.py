@@ -65,16 +65,21 @@ def test_finished_run_is_reused_only_for_the_same_command(ablation, tmp_path):
     out_dir = tmp_path / "balanced_s0"
     overrides = ablation.run_overrides("balanced", 0, out_dir, tmp_path / "data", ["steps=10"])
     assert "seed=0" in overrides and overrides[-1] == "steps=10"  # extra overrides win (last)
-    assert ablation.finished(out_dir, overrides) is None  # nothing there
+    yaml = tmp_path / "stage1.yaml"
+    yaml.write_text("steps: 10\n")
+    record = ablation.run_record(overrides, yaml)
+    assert ablation.finished(out_dir, record) is None  # nothing there
     out_dir.mkdir()
     (out_dir / "metrics.json").write_text(json.dumps(result(0.5, 20.0, 50, 1)))
-    assert ablation.finished(out_dir, overrides) is None  # no record of the command: rerun
-    (out_dir / ablation.COMMAND_FILE).write_text(json.dumps(overrides))
-    assert ablation.finished(out_dir, overrides)["metrics"]["zero_shot_acc"] == 0.5
+    assert ablation.finished(out_dir, record) is None  # no record of the command: rerun
+    (out_dir / ablation.COMMAND_FILE).write_text(json.dumps(record))
+    assert ablation.finished(out_dir, record)["metrics"]["zero_shot_acc"] == 0.5
     other = ablation.run_overrides("balanced", 0, out_dir, tmp_path / "data", ["steps=20"])
-    assert ablation.finished(out_dir, other) is None
+    assert ablation.finished(out_dir, ablation.run_record(other, yaml)) is None
+    yaml.write_text("steps: 10\nweights: {recon: 30}\n")  # the YAML changed: rerun
+    assert ablation.finished(out_dir, ablation.run_record(overrides, yaml)) is None
     (out_dir / "metrics.json").write_text("{truncated")
-    assert ablation.finished(out_dir, overrides) is None
+    assert ablation.finished(out_dir, record) is None
 
 
 def test_missing_data_is_a_clear_error_and_writes_nothing(ablation, tmp_path, capsys):

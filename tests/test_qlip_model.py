@@ -128,6 +128,32 @@ def test_eot_pooling_uses_last_real_token(model):
     assert torch.allclose(no_mask, ref[1:2], atol=1e-5)
 
 
+def test_repeated_captions_are_encoded_once_with_the_same_values_and_gradients():
+    torch.manual_seed(0)
+    model = build_qlip("tiny")
+    ids, mask, _ = text_batch(model)
+    repeated_ids, repeated_mask = ids[[0, 1, 0, 2, 1, 0]], mask[[0, 1, 0, 2, 1, 0]]  # 3 distinct rows of 6
+    calls = []
+    hook = model.text.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    weights = torch.randn(6, model.config.embed_dim)
+    embeds = model.encode_text(repeated_ids, repeated_mask)
+    (embeds * weights).sum().backward()
+    hook.remove()
+    assert calls == [3]  # the tower saw each distinct caption once
+    grads = {name: p.grad.clone() for name, p in model.text.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    one_by_one = torch.cat([model.text(repeated_ids[i:i + 1], repeated_mask[i:i + 1]).embeds for i in range(6)])
+    (one_by_one * weights).sum().backward()
+    assert torch.allclose(embeds, one_by_one, atol=1e-6)
+    for name, p in model.text.named_parameters():
+        assert torch.allclose(grads[name], p.grad, rtol=1e-4, atol=1e-5), name
+    # a different mask is a different caption even with the same ids
+    same_ids = ids[[1, 1]]
+    masks = mask[[1, 1]].clone()
+    masks[1, 6:] = False
+    assert not torch.allclose(*model.encode_text(same_ids, masks).detach(), atol=1e-4)
+
+
 def test_text_encoder_is_causal(model):
     ids, _, _ = text_batch(model)
     hidden = model.text(ids).hidden

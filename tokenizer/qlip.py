@@ -380,9 +380,25 @@ class QLIP(nn.Module):
     # -- text / contrastive -------------------------------------------------------------------
     def encode_text(self, text_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                     lengths: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, N) right-padded ids -> (B, E) L2-normalised text embeddings (EOT pooling)."""
+        """(B, N) right-padded ids -> (B, E) L2-normalised text embeddings (EOT pooling).
+
+        Each distinct row (ids and mask) goes through the tower once and its embedding is
+        repeated: the tower has no batch-dependent layers, so the outputs and, through the
+        indexing's backward, the gradients are those of encoding every row. A stage-1 batch of
+        ShapesWorld repeats a third of its 5 captions per image (short captions and their hard
+        negatives come from 24 colour x shape pairs).
+        """
         if self.text is None:
             raise RuntimeError("this QLIP has no text tower (config.text is None or dropped)")
+        if lengths is None and text_ids.ndim == 2 and text_ids.shape[0] > 1 and (
+                attention_mask is None or attention_mask.shape == text_ids.shape):
+            keys = text_ids if attention_mask is None else torch.cat(
+                [text_ids, attention_mask.to(text_ids.dtype)], dim=1)  # (B, N or 2N)
+            unique_keys, inverse = torch.unique(keys, dim=0, return_inverse=True)
+            if unique_keys.shape[0] < keys.shape[0]:
+                n = text_ids.shape[1]
+                unique_mask = None if attention_mask is None else unique_keys[:, n:].to(attention_mask.dtype)
+                return self.text(unique_keys[:, :n], unique_mask).embeds[inverse]  # (B, E)
         return self.text(text_ids, attention_mask, lengths).embeds
 
     def get_logit_scale(self) -> torch.Tensor:
