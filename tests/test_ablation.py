@@ -1,19 +1,14 @@
 """scripts/ablation.py: seeds, the table and verdict over seeds, reuse of finished runs, bad input."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.script_env import load_script
 
 
 @pytest.fixture(scope="module")
 def ablation():
-    spec = importlib.util.spec_from_file_location("ablation_script", ROOT / "scripts/ablation.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("scripts/ablation.py", "ablation_script")
 
 
 def result(zero_shot: float | None, psnr: float, recon: float, align: float, judge: float = 0.9) -> dict:

@@ -1,15 +1,12 @@
 """bench/bench_unified.py: its two loss paths score the same loss (the MFU rows compare like with like)."""
-import importlib.util
-from pathlib import Path
-
 import torch
 
 from unified_mm.model import UnifiedModelConfig, build_model
 from unified_mm.vocab import Vocab
 
-SPEC = importlib.util.spec_from_file_location("bench_unified", Path(__file__).resolve().parents[1] / "bench" / "bench_unified.py")
-bench_unified = importlib.util.module_from_spec(SPEC)
-SPEC.loader.exec_module(bench_unified)
+from tests.script_env import load_script
+
+bench_unified = load_script("bench/bench_unified.py", "bench_unified")
 
 
 def test_hidden_and_logits_paths_give_the_same_loss_and_gradients():

@@ -1,18 +1,12 @@
 """`make demo`'s deadline: the unified step's training budget shrinks when earlier steps ran slow."""
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.script_env import ROOT, load_script
 
 
 @pytest.fixture(scope="module")
 def demo():
-    spec = importlib.util.spec_from_file_location("demo_script", ROOT / "scripts/demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("scripts/demo.py", "demo_script")
 
 
 def test_budget_is_the_config_unless_the_deadline_needs_less(demo):
