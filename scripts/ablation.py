@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from mmcore.errors import UserError, cli_entry  # noqa: E402  (after making the repo importable)
 from mmcore.io import atomic_write_text  # noqa: E402
-from train.distributed import find_free_port  # noqa: E402
+from train.distributed import torchrun_command  # noqa: E402
 
 # The demo's stage-1 step count: demo 20 (decoder depth 1) fitted 1,398 steps in its 330 s budget.
 FIXED_BUDGET = ["time_budget_s=0", "steps=1400"]
@@ -88,9 +88,7 @@ def run(arm: str, seed: int, out: Path, data: Path, extra: list[str], fresh: boo
     if not fresh and (done := finished(out_dir, record)) is not None:
         print(f"\n=== {arm}, seed {seed}: reusing {out_dir / 'metrics.json'}", flush=True)
         return done
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_port", str(find_free_port()), "train/tokenizer.py",
-               "--config", BASE_CONFIG, *overrides]
+    command = torchrun_command("train/tokenizer.py", "--config", BASE_CONFIG, *overrides)
     print(f"\n=== {arm}, seed {seed}\n$ {' '.join(command)}", flush=True)
     (out_dir / COMMAND_FILE).unlink(missing_ok=True)
     result = subprocess.run(command, cwd=ROOT, env=os.environ.copy())
@@ -99,10 +97,6 @@ def run(arm: str, seed: int, out: Path, data: Path, extra: list[str], fresh: boo
                         f"its log is above, its directory {out_dir}")
     atomic_write_text(out_dir / COMMAND_FILE, json.dumps(record) + "\n")
     return json.loads((out_dir / "metrics.json").read_text())
-
-
-def _mean(values: list[float]) -> float:
-    return statistics.fmean(values)
 
 
 def _per_seed(values: list[float], spec: str, scale: float = 1.0) -> str:
@@ -119,14 +113,14 @@ def table(results: dict[str, dict[int, dict]]) -> str:
         zero_shot = [r["metrics"]["zero_shot_acc"] for r in runs if "zero_shot_acc" in r["metrics"]]
         psnr = [r["metrics"]["psnr_db"] for r in runs]
         judge = [r["metrics"]["judge_recon_acc"] for r in runs]
-        zs_text = (f"{_mean(zero_shot):.1%} ({_per_seed(zero_shot, '.1f', 100)})"
+        zs_text = (f"{statistics.fmean(zero_shot):.1%} ({_per_seed(zero_shot, '.1f', 100)})"
                    if weights["align"] > 0 and zero_shot else "n/a (no alignment)")
-        psnr_text = f"{_mean(psnr):.2f} ({_per_seed(psnr, '.2f')})"
+        psnr_text = f"{statistics.fmean(psnr):.2f} ({_per_seed(psnr, '.2f')})"
         if weights["recon"] == 0:
             psnr_text += " (decoder untrained)"
         rows.append(f"| {arm} | {weights['recon']:g} / {weights['align']:g} | "
                     f"{', '.join(map(str, by_seed))} | {zs_text} | {psnr_text} | "
-                    f"{_mean(judge):.1%} ({_per_seed(judge, '.1f', 100)}) |")
+                    f"{statistics.fmean(judge):.1%} ({_per_seed(judge, '.1f', 100)}) |")
     return "\n".join(rows) + "\n"
 
 
@@ -142,7 +136,7 @@ def gaps(results: dict[str, dict[int, dict]]) -> tuple[dict[int, float], dict[in
 
 def verdict(results: dict[str, dict[int, dict]]) -> str:
     zs, psnr = gaps(results)
-    zs_gap, psnr_gap = _mean(list(zs.values())), _mean(list(psnr.values()))
+    zs_gap, psnr_gap = statistics.fmean(list(zs.values())), statistics.fmean(list(psnr.values()))
     ok = zs_gap <= 2 and psnr_gap <= 1
     per_seed = "; ".join(f"seed {s}: {zs[s]:+.1f} points, {psnr[s]:+.2f} dB" for s in zs)
     return (f"zero-shot: balanced is {zs_gap:+.1f} points behind align-only on average (negative = "

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 # after making the repo importable:
 from eval.targets import Target, demo_targets, targets_markdown  # noqa: E402
-from train.distributed import find_free_port  # noqa: E402
+from train.distributed import torchrun_command  # noqa: E402
 
 
 class Step(NamedTuple):
@@ -126,9 +126,6 @@ def eval_report(out: Path) -> str:
     return ", ".join(p for p in parts if p)
 
 
-def torchrun(script: str, *args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-            "--master_port", str(find_free_port()), script, *args]
 
 
 UNIFIED_CONFIG = "configs/unified/tiny.yaml"  # relative to ROOT, as the command line shows it
@@ -163,16 +160,16 @@ STEPS = [
                       f"data={out / 'data'}", f"out={out / 'text_tokenizer.model'}"],
          text_tokenizer_report),
     Step("ds_smoke", "tiny Llama under DeepSpeed ZeRO-2, 2 CPU processes: train, checkpoint, reload, consolidate",
-         lambda out: torchrun("train/lm_smoke.py", "--config", "configs/smoke/lm_smoke.yaml",
+         lambda out: torchrun_command("train/lm_smoke.py", "--config", "configs/smoke/lm_smoke.yaml",
                               f"out_dir={out / 'ds_smoke'}"),
          smoke_report),
     Step("tokenizer_stage1", "QLIP tokenizer stage 1 (MSE + CLIP + BSQ), DeepSpeed ZeRO-2 on 2 CPU processes",
-         lambda out: torchrun("train/tokenizer.py", "--config", "configs/tokenizer/tiny_stage1.yaml",
+         lambda out: torchrun_command("train/tokenizer.py", "--config", "configs/tokenizer/tiny_stage1.yaml",
                               f"data.data={out / 'data'}", f"data.text_tokenizer={out / 'text_tokenizer.model'}",
                               f"out_dir={out / 'tokenizer_stage1'}", "resume=false"),
          tokenizer_report(1)),
     Step("tokenizer_stage2", "QLIP tokenizer stage 2 (encoder frozen; MSE + BSQ + perceptual + GAN)",
-         lambda out: torchrun("train/tokenizer.py", "--config", "configs/tokenizer/tiny_stage2.yaml",
+         lambda out: torchrun_command("train/tokenizer.py", "--config", "configs/tokenizer/tiny_stage2.yaml",
                               f"data.data={out / 'data'}", f"init_from={out / 'tokenizer_stage1' / 'export'}",
                               f"out_dir={out / 'tokenizer_stage2'}", "resume=false"),
          tokenizer_report(2)),
@@ -182,7 +179,7 @@ STEPS = [
                       "--out", str(out / "codes"), "--overwrite"],
          codes_report),
     Step("unified", "unified model (Llama decoder, VQA + captions + chat + text-to-image), ZeRO-2 on 2 CPU processes",
-         lambda out: torchrun("train/unified.py", "--config", UNIFIED_CONFIG,
+         lambda out: torchrun_command("train/unified.py", "--config", UNIFIED_CONFIG,
                               f"data.tokenizer={out / 'tokenizer_stage2' / 'export'}",
                               f"data.sources=[{{codes: {out / 'codes'}, split: train}}]",
                               f"data.val={{codes: {out / 'codes'}, split: val}}",

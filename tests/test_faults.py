@@ -30,7 +30,7 @@ import pytest
 from tests.test_tokenizer_training import TINY_MODEL
 from tests.test_unified_training import TINY as UNIFIED_TINY
 from tests.unified_env import make_unified_env
-from train.distributed import find_free_port
+from train.distributed import find_free_port, torchrun_command
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -61,8 +61,7 @@ def ds_launch(script: str, *args: str) -> list[str]:
 def torchrun(script: str, *args: str) -> list[str]:
     """2 CPU processes under torchrun: same world, backend and numerics as ``ds_launch``, a few
     seconds cheaper to start (used for the uninterrupted reference runs)."""
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-            "--master_port", str(find_free_port()), script, *args]
+    return torchrun_command(script, *args)
 
 
 def tokenizer_args(data: dict, out_dir: Path, *extra: str) -> list[str]:

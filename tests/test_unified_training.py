@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from train.distributed import find_free_port
+from train.distributed import find_free_port, torchrun_command
 from unified_mm.export import load_unified
 from unified_mm.image_positions import image_position_embedding
 from tests.unified_env import make_unified_env
@@ -38,8 +38,7 @@ def command(env, out_dir, *extra, procs=1, launcher="torchrun"):
     if launcher == "deepspeed":
         return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(procs),
                 "--master_port", str(find_free_port()), "train/unified.py", *args]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs),
-            "--master_port", str(find_free_port()), "train/unified.py", *args]
+    return torchrun_command("train/unified.py", *args, nproc=procs)
 
 
 def train(env, out_dir, *extra, procs=1, expect_ok=True, launcher="torchrun", extra_env=None):

@@ -51,6 +51,13 @@ def find_free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
+def torchrun_command(script: str, *args: str, nproc: int = 2) -> list[str]:
+    """The command that launches ``script`` on ``nproc`` local processes with ``torch.distributed.run``
+    (this Python, a free rendezvous port): the demo's and the ablation's way to start a trainer."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+            "--master_port", str(find_free_port()), script, *args]
+
+
 def default_backend() -> str:
     """nccl on CUDA machines, gloo on CPU (DeepSpeed's CPU default, ccl, is not installed)."""
     return "nccl" if torch.cuda.is_available() else "gloo"
