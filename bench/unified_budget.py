@@ -379,11 +379,11 @@ def run_variant(name: str, args) -> dict:
         train_builder = builder
     tok_hash = tokenizer_hash(args.tokenizer)
     stream = MixedTaskStream([SourceConfig(codes=args.codes)], MixtureConfig(start=mix, chat_turns=variant.chat_turns), train_builder,
-                             tokenizer_hash=tok_hash, total_steps=steps, seed=0, rank=0, shuffle_buffer=2000)
+                             tokenizer_hash=tok_hash, total_steps=steps, seed=args.seed, rank=0, shuffle_buffer=2000)
     current_step = [0]
     if variant.single_object_steps:
         use_single_object_start(stream, variant.single_object_steps, current_step)
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     model_cfg = UnifiedModelConfig(preset=preset, image_embedding_init="bits" if variant.bit_init else "default",
                                    image_positions=variant.pos2d, overrides=dict(variant.overrides))
     model = build_model(model_cfg, vocab).to(device)
@@ -433,7 +433,8 @@ def run_variant(name: str, args) -> dict:
     final.update({f"heldout_{task}": round(value, 4) for task, value in losses.items()})
     gain = text_gain(losses, held)
     final["t2i_text_gain_per_image"] = None if gain is None else round(gain, 3)
-    return {"variant": name, "preset": preset, "steps": steps, "lr": lr, "mixture": mix, "batch": batch_size,
+    return {"variant": name, "seed": args.seed, "preset": preset, "steps": steps, "lr": lr, "mixture": mix,
+            "batch": batch_size,
             "chat_turns": variant.chat_turns, "bit_init": variant.bit_init, "image_weight": variant.image_weight,
             "pos2d": variant.pos2d, "cpu_bf16": variant.cpu_bf16, "one_group": variant.one_group,
             "overrides": variant.overrides, "prompt_image_weight": variant.prompt_image_weight,
@@ -454,6 +455,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch threads per variant (0: torch's default)")
     parser.add_argument("--jobs", type=int, default=1, help="variants run at once (subprocesses)")
     parser.add_argument("--out", default="runs/unified_budget")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="data order and initial weights (default 0, as in every row before session 15)")
     parser.add_argument("--worker", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -467,7 +470,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     passthrough = ["--codes", args.codes, "--tokenizer", args.tokenizer, "--device", args.device, "--out", args.out, "--batch",
                    str(args.batch), "--steps", str(args.steps), "--eval-every", str(args.eval_every),
-                   "--threads", str(args.threads)]
+                   "--threads", str(args.threads), "--seed", str(args.seed)]
     pending, running = list(names), []
     while pending or running:
         while pending and len(running) < args.jobs:
