@@ -434,8 +434,8 @@ def run_variant(name: str, args) -> dict:
     gain = text_gain(losses, held)
     final["t2i_text_gain_per_image"] = None if gain is None else round(gain, 3)
     return {"variant": name, "seed": args.seed, "preset": preset, "steps": steps, "lr": lr, "mixture": mix,
-            "batch": batch_size,
-            "chat_turns": variant.chat_turns, "bit_init": variant.bit_init, "image_weight": variant.image_weight,
+            "batch": batch_size, "chat_turns": variant.chat_turns, "bit_init": variant.bit_init,
+            "image_weight": variant.image_weight,
             "pos2d": variant.pos2d, "cpu_bf16": variant.cpu_bf16, "one_group": variant.one_group,
             "overrides": variant.overrides, "prompt_image_weight": variant.prompt_image_weight,
             "qa_rounds": variant.qa_rounds, "hidden_loss": variant.hidden_loss, "qa_types": list(variant.qa_types),

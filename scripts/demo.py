@@ -126,8 +126,6 @@ def eval_report(out: Path) -> str:
     return ", ".join(p for p in parts if p)
 
 
-
-
 UNIFIED_CONFIG = "configs/unified/tiny.yaml"  # relative to ROOT, as the command line shows it
 # Seconds the demo needs after the unified step's training budget runs out: its own start-up, final
 # held-out evaluation and export (30-35 s) and the evaluation step (50 s, 99 s in a slow phase of
@@ -161,17 +159,17 @@ STEPS = [
          text_tokenizer_report),
     Step("ds_smoke", "tiny Llama under DeepSpeed ZeRO-2, 2 CPU processes: train, checkpoint, reload, consolidate",
          lambda out: torchrun_command("train/lm_smoke.py", "--config", "configs/smoke/lm_smoke.yaml",
-                              f"out_dir={out / 'ds_smoke'}"),
+                                      f"out_dir={out / 'ds_smoke'}"),
          smoke_report),
     Step("tokenizer_stage1", "QLIP tokenizer stage 1 (MSE + CLIP + BSQ), DeepSpeed ZeRO-2 on 2 CPU processes",
          lambda out: torchrun_command("train/tokenizer.py", "--config", "configs/tokenizer/tiny_stage1.yaml",
-                              f"data.data={out / 'data'}", f"data.text_tokenizer={out / 'text_tokenizer.model'}",
-                              f"out_dir={out / 'tokenizer_stage1'}", "resume=false"),
+                                      f"data.data={out / 'data'}", f"data.text_tokenizer={out / 'text_tokenizer.model'}",
+                                      f"out_dir={out / 'tokenizer_stage1'}", "resume=false"),
          tokenizer_report(1)),
     Step("tokenizer_stage2", "QLIP tokenizer stage 2 (encoder frozen; MSE + BSQ + perceptual + GAN)",
          lambda out: torchrun_command("train/tokenizer.py", "--config", "configs/tokenizer/tiny_stage2.yaml",
-                              f"data.data={out / 'data'}", f"init_from={out / 'tokenizer_stage1' / 'export'}",
-                              f"out_dir={out / 'tokenizer_stage2'}", "resume=false"),
+                                      f"data.data={out / 'data'}", f"init_from={out / 'tokenizer_stage1' / 'export'}",
+                                      f"out_dir={out / 'tokenizer_stage2'}", "resume=false"),
          tokenizer_report(2)),
     Step("codes", "precompute the image codes of every split with the stage-2 tokenizer",
          lambda out: [sys.executable, "-m", "unified_mm.tokenizer_cli", "precompute",
@@ -180,10 +178,10 @@ STEPS = [
          codes_report),
     Step("unified", "unified model (Llama decoder, VQA + captions + chat + text-to-image), ZeRO-2 on 2 CPU processes",
          lambda out: torchrun_command("train/unified.py", "--config", UNIFIED_CONFIG,
-                              f"data.tokenizer={out / 'tokenizer_stage2' / 'export'}",
-                              f"data.sources=[{{codes: {out / 'codes'}, split: train}}]",
-                              f"data.val={{codes: {out / 'codes'}, split: val}}",
-                              f"out_dir={out / 'unified'}", "resume=false"),
+                                      f"data.tokenizer={out / 'tokenizer_stage2' / 'export'}",
+                                      f"data.sources=[{{codes: {out / 'codes'}, split: train}}]",
+                                      f"data.val={{codes: {out / 'codes'}, split: val}}",
+                                      f"out_dir={out / 'unified'}", "resume=false"),
          unified_report, deadline_reserve=UNIFIED_RESERVE_S, budget_config=UNIFIED_CONFIG),
     Step("eval", "evaluate every task on the test split (answers, scores, sample grids)",
          lambda out: [sys.executable, "-m", "eval.run", "--model", str(out / "unified" / "export"),
