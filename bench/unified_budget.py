@@ -32,7 +32,7 @@ import torch  # noqa: E402
 
 from mmcore.text_tokenizer import TextTokenizer  # noqa: E402
 from tokenizer.export import tokenizer_hash  # noqa: E402
-from train.optim import WarmupCosine, param_groups  # noqa: E402
+from train.optim import MuonAdamW, WarmupCosine, param_groups  # noqa: E402
 from unified_mm.data.mixture import MixedTaskStream, MixtureConfig, SourceConfig, eval_sequences, text_gain  # noqa: E402
 from unified_mm.quick_eval import heldout_losses  # noqa: E402
 from unified_mm.loss import modality_token_losses, modality_token_losses_from_hidden, weighted_mean_loss  # noqa: E402
@@ -79,6 +79,8 @@ class Variant(NamedTuple):
     # > 0: for the first this many steps, training draws only one-object images (reading an
     # attribute without having to find the named object first), then every image (a curriculum)
     single_object_steps: int = 0
+    # Muon (train.optim.MuonAdamW) on the decoder layers' weight matrices, AdamW on the rest
+    muon: bool = False
 
 
 VARIANTS = {
@@ -218,6 +220,11 @@ VARIANTS = {
                               image_weight=0.25, pos2d=True, hidden_loss=True, prompt_image_weight=0.05),
     "ctximg0.1_600": Variant("tiny", 600, 4e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True,
                              image_weight=0.25, pos2d=True, hidden_loss=True, prompt_image_weight=0.1),
+    # session 16: Muon on the decoder layers' matrices (AdamW for embeddings, head, norms)
+    "muon_600": Variant("tiny", 600, 4e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True,
+                        image_weight=0.25, pos2d=True, hidden_loss=True, muon=True),
+    "muon_lr2e-3_600": Variant("tiny", 600, 2e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True,
+                               image_weight=0.25, pos2d=True, hidden_loss=True, muon=True),
     "multiqa_bits_550": Variant("tiny", 550, 2e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True),
     "multiqa_bits_750": Variant("tiny", 750, 2e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True),
 }
@@ -389,7 +396,10 @@ def run_variant(name: str, args) -> dict:
     model = build_model(model_cfg, vocab).to(device)
     # as the trainer (train/optim.py): matrices decay, norms and other 1-D weights do not (runs
     # before 2026-11-29 decayed every weight)
-    optimizer = torch.optim.AdamW(param_groups(model, 0.1, lr), lr=lr, betas=(0.9, 0.95))
+    if variant.muon:
+        optimizer = MuonAdamW(param_groups(model, 0.1, lr, muon_params=("model.layers.*",)), lr, (0.9, 0.95), 1e-8)
+    else:
+        optimizer = torch.optim.AdamW(param_groups(model, 0.1, lr), lr=lr, betas=(0.9, 0.95))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(50, steps, 0.1))
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else torch.autocast("cpu", dtype=torch.bfloat16, enabled=variant.cpu_bf16))
@@ -440,6 +450,7 @@ def run_variant(name: str, args) -> dict:
             "overrides": variant.overrides, "prompt_image_weight": variant.prompt_image_weight,
             "qa_rounds": variant.qa_rounds, "hidden_loss": variant.hidden_loss, "qa_types": list(variant.qa_types),
             "text_first": variant.text_first, "single_object_steps": variant.single_object_steps,
+            "muon": variant.muon,
             "seconds": round(time.perf_counter() - start, 1), **final, "curve": curve}
 
 

@@ -38,9 +38,11 @@ from mmcore.io import atomic_write_text  # noqa: E402
 from train.distributed import torchrun_command  # noqa: E402
 
 # Demo 20's stage-1 budget: 1,398 steps of global batch 64 in its 330 s. The demo has since moved
-# to global batch 32 (~2,350 steps in the same time); the ablation stays at 1,400 x 64 so that
-# its committed results (docs/measurements/ablation_3seeds_1400x64.md) are what this command makes.
-FIXED_BUDGET = ["time_budget_s=0", "steps=1400", "engine.micro_batch_size=32"]
+# to global batch 32 (~2,350 steps in the same time) and to Muon under ZeRO stage 0 (session 16);
+# the ablation stays at 1,400 x 64 with AdamW under ZeRO-2, so that its committed results
+# (docs/measurements/ablation_3seeds_1400x64.md) are what this command makes.
+FIXED_BUDGET = ["time_budget_s=0", "steps=1400", "engine.micro_batch_size=32", "optim.name=adamw",
+                "optim.muon_params=[]", "engine.deepspeed_config=configs/deepspeed/zero2.json"]
 ARMS = {  # name -> loss-weight overrides
     "align-only": ["weights.recon=0.0"],
     "recon-only": ["weights.align=0.0"],

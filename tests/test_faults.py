@@ -216,7 +216,9 @@ def _guard_checks() -> None:
     def engine(accum: int, zero: int = 2):
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
-        optim = ds_engine.OptimConfig(lr=0.1, warmup_steps=0, total_steps=100)
+        # ZeRO stage 0 runs Muon (train.optim.MuonAdamW), whose own gradient check skips the step
+        muon = {"name": "muon", "muon_params": ("0.weight", "2.weight")} if zero == 0 else {}
+        optim = ds_engine.OptimConfig(lr=0.1, warmup_steps=0, total_steps=100, **muon)
         cfg = ds_engine.EngineConfig(deepspeed_config=f"configs/deepspeed/zero{zero}.json", micro_batch_size=2,
                                      grad_accum_steps=accum, precision="fp32")
         return ds_engine.build_engine(model, optim, cfg)
@@ -237,7 +239,7 @@ def _guard_checks() -> None:
         return guard.end(e)
 
     for zero, accum, bad in ((2, 1, ["nan"]), (2, 2, ["ok", "nan"]), (2, 1, ["badgrad"]), (3, 1, ["nan"]),
-                             (3, 2, ["ok", "nan"])):
+                             (3, 2, ["ok", "nan"]), (0, 1, ["badgrad"]), (0, 2, ["ok", "nan"])):
         e = engine(accum, zero)
         guard = StepGuard(3)
         before, lr0, steps0 = params(e), ds_engine.current_lr(e), e.global_steps
@@ -273,7 +275,9 @@ def test_nonfinite_step_leaves_engine_untouched(tmp_path):
     results = json.loads(line[len("RESULTS "):])
     for name, expected_reason in (("zero2-accum1-nan", "non-finite loss"), ("zero2-accum2-ok-nan", "non-finite loss"),
                                   ("zero2-accum1-badgrad", "non-finite gradients"),
-                                  ("zero3-accum1-nan", "non-finite loss"), ("zero3-accum2-ok-nan", "non-finite loss")):
+                                  ("zero3-accum1-nan", "non-finite loss"), ("zero3-accum2-ok-nan", "non-finite loss"),
+                                  ("zero0-accum1-badgrad", "non-finite gradients"),
+                                  ("zero0-accum2-ok-nan", "non-finite loss")):
         case = results[name]
         assert case["reason"] == expected_reason, (name, case)
         assert case["unchanged"] and case["lr_same"] and case["then_ok"], (name, case)

@@ -58,13 +58,25 @@ def losses(out_dir):
     return {r["step"]: {k: v for k, v in r.items() if k.startswith("loss")} for r in records if "loss" in r}
 
 
-def test_resume_continues_with_the_same_data_and_losses(env, tmp_path):
-    train(env, tmp_path / "continuous", "steps=6", "save_every=3")
-    train(env, tmp_path / "interrupted", "steps=6", "save_every=2", "stop_at=5")
+ADAMW_ZERO2 = ["optim.name=adamw", "engine.deepspeed_config=configs/deepspeed/zero2.json"]
+MUON_ZERO0 = ["optim.name=muon", "optim.muon_params=[model.layers.*]",
+              "engine.deepspeed_config=configs/deepspeed/zero0.json"]
+
+
+@pytest.mark.parametrize("optimizer", [ADAMW_ZERO2, MUON_ZERO0], ids=["adamw_zero2", "muon_zero0"])
+def test_resume_continues_with_the_same_data_and_losses(env, tmp_path, optimizer):
+    """With Muon the momentum buffers must come back too, or the losses after the restart differ."""
+    train(env, tmp_path / "continuous", "steps=6", "save_every=3", *optimizer)
+    train(env, tmp_path / "interrupted", "steps=6", "save_every=2", "stop_at=5", *optimizer)
     assert not (tmp_path / "interrupted" / "export").exists()
     # as if killed after step 5: the newest checkpoint is step 4, step 5 must be redone
     (tmp_path / "interrupted" / "checkpoints" / "latest").write_text("step_00000004")
-    train(env, tmp_path / "interrupted", "steps=6", "save_every=2")
+    train(env, tmp_path / "interrupted", "steps=6", "save_every=2", *optimizer)
+    saved = torch.load(next((tmp_path / "continuous" / "checkpoints").glob("step_*/mp_rank_00_model_states.pt")),
+                       weights_only=True) if optimizer is MUON_ZERO0 else None
+    if saved is not None:  # Muon really stepped the decoder layers' matrices (and AdamW the rest)
+        assert [g["use_muon"] for g in saved["optimizer"]["param_groups"]] == [True, False, False]
+        assert "momentum_buffer" in saved["optimizer"]["state"][0]
     continuous, resumed = losses(tmp_path / "continuous"), losses(tmp_path / "interrupted")
     # DeepSpeed's copied recovery scripts unpickle unrestricted: they must not be left behind
     assert not list((tmp_path / "interrupted" / "checkpoints").glob("zero_to_*.py"))

@@ -10,7 +10,10 @@ Division of labour between the two config sources:
   injects those into the loaded JSON, so one JSON serves every job.
 
 The optimizer is a plain ``torch.optim.AdamW`` (ZeRO supports it natively): DeepSpeed's own
-CPU Adam would JIT-compile for about a minute on first use.
+CPU Adam would JIT-compile for about a minute on first use. ``optim.name: muon`` gives
+:class:`train.optim.MuonAdamW` instead, which needs ZeRO stage 0 in fp32
+(``configs/deepspeed/zero0.json``): ZeRO 1-3 and DeepSpeed's bf16 optimizer hand a client
+optimizer flattened 1-D partitions, and Muon orthogonalises whole matrices.
 
 The config dataclasses, the optimizer's parameter groups and the warm-up/cosine schedule live in
 the deepspeed-free :mod:`train.optim` and are re-exported here, as are the checkpoint-directory
@@ -45,6 +48,7 @@ import torch
 from deepspeed.utils import safe_get_full_fp32_param
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+from mmcore.config import ConfigError
 from mmcore.errors import UserError
 from mmcore.io import atomic_output_path, atomic_write_text
 from train import faults
@@ -154,11 +158,30 @@ def build_engine(model: torch.nn.Module, optim_cfg: OptimConfig, engine_cfg: Eng
     must pass identically initialised weights (seed before building the model).
     """
     ds_config = ds_config or resolve_ds_config(engine_cfg, optim_cfg)
+    check_optimizer_fits(optim_cfg, ds_config, engine_cfg.deepspeed_config)
     optimizer = build_optimizer(model, optim_cfg, lr_mults)
     scheduler = build_scheduler(optimizer, optim_cfg)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            lr_scheduler=scheduler, config=ds_config)
     return engine
+
+
+def check_optimizer_fits(optim_cfg: OptimConfig, ds_config: dict, source: str | Path) -> None:
+    """Muon steps whole weight matrices; only ZeRO stage 0 in fp32 leaves them whole. AdamW needs
+    ZeRO >= 1: stage 0 in fp32 has no overflow check, so non-finite gradients would be applied
+    (:class:`train.optim.MuonAdamW` checks its gradients itself)."""
+    stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+    if optim_cfg.name != "muon":
+        if stage == 0:
+            raise ConfigError(f"{source} gives ZeRO stage 0, which is for optim.name=muon: with AdamW use "
+                              f"stage >= 1 (configs/deepspeed/zero1.json, zero2.json), whose overflow check "
+                              f"skips steps with non-finite gradients")
+        return
+    if stage != 0 or ds_config.get("bf16", {}).get("enabled", False):
+        raise ConfigError(f"optim.name=muon needs ZeRO stage 0 in fp32 (e.g. engine.deepspeed_config="
+                          f"configs/deepspeed/zero0.json, engine.precision=fp32); {source} gives stage {stage}"
+                          f"{' with bf16' if ds_config.get('bf16', {}).get('enabled') else ''}: DeepSpeed then "
+                          f"hands the optimizer flattened 1-D partitions, and Muon needs the matrices")
 
 
 def zero_stage(engine: deepspeed.DeepSpeedEngine) -> int:
@@ -362,7 +385,9 @@ def consolidate_fp32(checkpoint_dir: str | Path, tag: str | None = None) -> dict
     """Merge a ZeRO-1/2/3 checkpoint's shards into one fp32 CPU state dict (no process group).
 
     Works from the files alone, so it can run on one rank of a job or offline afterwards. Files
-    are read with ``weights_only=True``.
+    are read with ``weights_only=True``. A ZeRO stage-0 checkpoint (no optimizer shards; fp32,
+    see :func:`check_optimizer_fits`) holds the whole fp32 module in its model-states file, which
+    ``zero_to_fp32`` does not read, so that file's module is returned.
     """
     checkpoint_dir = Path(checkpoint_dir)
     tag = tag or latest_tag(checkpoint_dir)
@@ -370,10 +395,24 @@ def consolidate_fp32(checkpoint_dir: str | Path, tag: str | None = None) -> dict
         raise UserError(f"checkpoint {checkpoint_dir / tag} does not exist")
     try:
         with weights_only_loading():
+            if not list((checkpoint_dir / tag).glob("*optim_states.pt")):
+                return _stage0_module(checkpoint_dir / tag)
             state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
     except pickle.UnpicklingError as err:
         raise _refused(checkpoint_dir / tag, err) from None
     return dict(state)
+
+
+def _stage0_module(tag_dir: Path) -> dict[str, torch.Tensor]:
+    path = tag_dir / "mp_rank_00_model_states.pt"
+    if not path.is_file():
+        raise UserError(f"checkpoint {tag_dir}: neither ZeRO optimizer shards nor {path.name}")
+    module = torch.load(path, map_location="cpu")["module"]
+    not_fp32 = sorted(k for k, v in module.items() if v.is_floating_point() and v.dtype != torch.float32)
+    if not_fp32:
+        raise UserError(f"checkpoint {tag_dir}: a stage-0 checkpoint with non-fp32 weights ({not_fp32[0]}: "
+                        f"{module[not_fp32[0]].dtype}) holds no fp32 master copy to consolidate")
+    return dict(module)
 
 
 def save_safetensors(state_dict: dict[str, torch.Tensor], path: str | Path,

@@ -8,6 +8,7 @@ them on machines without ``deepspeed``; ``train.ds_engine`` re-exports every nam
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import math
 from typing import Literal
 
@@ -18,11 +19,18 @@ from mmcore.config import ConfigError
 
 @dataclasses.dataclass
 class OptimConfig:
-    """AdamW with linear warm-up then cosine decay to ``min_lr_ratio * lr``."""
+    """AdamW (or Muon + AdamW) with linear warm-up then cosine decay to ``min_lr_ratio * lr``."""
     lr: float = 3e-4
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
+    # "muon": weight matrices whose names match `muon_params` (fnmatch patterns, e.g.
+    # "model.layers.*") step with Muon (torch.optim.Muon: momentum, then the update orthogonalised
+    # by Newton-Schulz), every other parameter with AdamW, under one schedule (:class:`MuonAdamW`).
+    # Muon's step is scaled to AdamW's RMS ("match_rms_adamw"), so `lr` and `weight_decay` serve both.
+    name: Literal["adamw", "muon"] = "adamw"
+    muon_params: tuple[str, ...] = ()
+    muon_momentum: float = 0.95
     grad_clip: float = 1.0  # 0 disables clipping
     warmup_steps: int = 0
     total_steps: int = 1000
@@ -38,6 +46,11 @@ class OptimConfig:
             raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.grad_clip < 0:
             raise ConfigError(f"optim.grad_clip must be >= 0, got {self.grad_clip}")
+        if self.name == "muon" and not self.muon_params:
+            raise ConfigError("optim.name is muon but optim.muon_params is empty: name the weight "
+                              "matrices Muon should step (fnmatch patterns, e.g. 'model.layers.*')")
+        if not 0 <= self.muon_momentum < 1:
+            raise ConfigError(f"optim.muon_momentum must be in [0, 1), got {self.muon_momentum}")
 
 
 @dataclasses.dataclass
@@ -97,25 +110,87 @@ class WarmupCosine:
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float, lr: float,
-                 lr_mults: dict[str, float] | None = None) -> list[dict]:
-    """Trainable parameters grouped by (lr multiplier, decay).
+                 lr_mults: dict[str, float] | None = None,
+                 muon_params: tuple[str, ...] = ()) -> list[dict]:
+    """Trainable parameters grouped by (lr multiplier, decay[, Muon]).
 
     Matrices decay; biases, norms and other 1-D tensors do not. ``lr_mults`` maps parameter-name
     prefixes to learning-rate multipliers (first match wins, default 1), e.g. a slower encoder.
+    ``muon_params``: fnmatch patterns; a matching 2-D parameter goes to a group with
+    ``use_muon=True`` (every group then carries the flag).
     """
     lr_mults = lr_mults or {}
-    groups: dict[tuple[float, bool], list] = {}
+    groups: dict[tuple[float, bool, bool], list] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         mult = next((m for prefix, m in lr_mults.items() if name.startswith(prefix)), 1.0)
-        groups.setdefault((mult, param.ndim >= 2), []).append(param)
-    return [{"params": params, "weight_decay": weight_decay if decay else 0.0, "lr": lr * mult}
-            for (mult, decay), params in sorted(groups.items(), key=lambda kv: (-kv[0][0], not kv[0][1]))]
+        muon = param.ndim == 2 and any(fnmatch.fnmatchcase(name, pattern) for pattern in muon_params)
+        groups.setdefault((mult, param.ndim >= 2, muon), []).append(param)
+    ordered = sorted(groups.items(), key=lambda kv: (-kv[0][0], not kv[0][1], not kv[0][2]))
+    if muon_params and not any(muon for (_, _, muon) in groups):
+        raise ConfigError(f"optim.muon_params {list(muon_params)} match no trainable 2-D parameter")
+    return [{"params": params, "weight_decay": weight_decay if decay else 0.0, "lr": lr * mult,
+             **({"use_muon": muon} if muon_params else {})}
+            for (mult, decay, muon), params in ordered]
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """One optimizer over groups flagged ``use_muon``: ``torch.optim.Muon`` steps those, AdamW the rest.
+
+    One object, so one LR schedule, one ``state_dict`` and one DeepSpeed client optimizer (ZeRO
+    stage 0 only: ZeRO 1-3 flatten parameters into 1-D partitions, and Muon needs the matrices).
+    The two inner optimizers share this one's group dicts and state, as DeepSpeed's own
+    ``MuonWithAuxAdam`` does, so a scheduler that sets ``group["lr"]`` reaches both.
+
+    A step whose gradients are not all finite is skipped and sets ``overflow``: DeepSpeed's
+    engine then reports the step as not applied and holds the LR schedule, as ZeRO's own overflow
+    check does (stage 0 in fp32 has none, and NaN gradients would otherwise reach the weights).
+    """
+
+    def __init__(self, groups: list[dict], lr: float, betas: tuple[float, float], eps: float,
+                 momentum: float = 0.95):
+        muon_groups = [g for g in groups if g["use_muon"]]
+        adam_groups = [g for g in groups if not g["use_muon"]]
+        # the inner constructors fill each group dict with their defaults, in place
+        self._muon = torch.optim.Muon(muon_groups, lr=lr, momentum=momentum,
+                                      adjust_lr_fn="match_rms_adamw") if muon_groups else None
+        self._adam = torch.optim.AdamW(adam_groups, lr=lr, betas=betas, eps=eps) if adam_groups else None
+        super().__init__(muon_groups + adam_groups, {})
+        self.overflow = False
+        self._link()
+
+    def _link(self) -> None:
+        for inner, flag in ((self._muon, True), (self._adam, False)):
+            if inner is not None:
+                inner.param_groups = [g for g in self.param_groups if g["use_muon"] is flag]
+                inner.state = self.state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self._link()  # loading replaced the group dicts and the state
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        self.overflow = bool(grads) and not bool(torch.stack(torch._foreach_norm(grads)).isfinite().all())
+        if self.overflow:
+            return loss
+        for inner in (self._muon, self._adam):
+            if inner is not None:
+                inner.step()
+        return loss
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig,
                     lr_mults: dict[str, float] | None = None) -> torch.optim.Optimizer:
+    if cfg.name == "muon":
+        groups = param_groups(model, cfg.weight_decay, cfg.lr, lr_mults, tuple(cfg.muon_params))
+        return MuonAdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, momentum=cfg.muon_momentum)
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.lr, lr_mults), lr=cfg.lr,
                              betas=tuple(cfg.betas), eps=cfg.eps)
 

@@ -1,0 +1,147 @@
+"""train.optim: parameter groups and the Muon + AdamW optimizer (CPU, tiny)."""
+import copy
+
+import pytest
+import torch
+
+from mmcore.config import ConfigError
+from train.optim import MuonAdamW, OptimConfig, build_optimizer, build_scheduler, param_groups
+
+
+class TwoLayers(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(10, 8)
+        self.layers = torch.nn.ModuleList([torch.nn.Linear(8, 8), torch.nn.Linear(8, 16)])
+        self.norm = torch.nn.LayerNorm(16)
+        self.head = torch.nn.Linear(16, 10, bias=False)
+
+    def forward(self, ids):
+        hidden = self.embed(ids)
+        for layer in self.layers:
+            hidden = torch.tanh(layer(hidden))
+        return self.head(self.norm(hidden))
+
+
+def loss_of(model, seed):
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 10, (4, 5), generator=generator)
+    return torch.nn.functional.cross_entropy(model(ids).flatten(0, 1), ids.flatten())
+
+
+def muon_config(**kw):
+    return OptimConfig(**{"lr": 1e-2, "name": "muon", "muon_params": ("layers.*",), "warmup_steps": 2,
+                          "total_steps": 10, **kw})
+
+
+def test_muon_groups_hold_exactly_the_matching_matrices():
+    model = TwoLayers()
+    groups = param_groups(model, 0.1, 1e-3, muon_params=("layers.*",))
+    muon = {id(p) for g in groups if g["use_muon"] for p in g["params"]}
+    names = {n for n, p in model.named_parameters() if id(p) in muon}
+    assert names == {"layers.0.weight", "layers.1.weight"}  # biases are 1-D: AdamW
+    assert all(g["weight_decay"] == 0.1 for g in groups if g["use_muon"])
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    # without patterns the groups carry no flag (the plain AdamW path is unchanged)
+    assert all("use_muon" not in g for g in param_groups(model, 0.1, 1e-3))
+
+
+def test_muon_patterns_that_match_nothing_are_an_error():
+    with pytest.raises(ConfigError, match="match no trainable"):
+        param_groups(TwoLayers(), 0.1, 1e-3, muon_params=("model.layers.*",))
+    with pytest.raises(ConfigError, match="muon_params is empty"):
+        OptimConfig(name="muon").validate()
+
+
+def test_one_step_equals_muon_and_adamw_stepped_separately():
+    torch.manual_seed(0)
+    model = TwoLayers()
+    reference = copy.deepcopy(model)
+    optimizer = build_optimizer(model, muon_config())
+    assert isinstance(optimizer, MuonAdamW)
+    matrices = [reference.layers[0].weight, reference.layers[1].weight]
+    rest = [p for p in reference.parameters() if all(p is not m for m in matrices)]
+    muon = torch.optim.Muon(matrices, lr=1e-2, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    adamw = torch.optim.AdamW([{"params": [reference.embed.weight, reference.head.weight], "weight_decay": 0.1},
+                               {"params": [p for p in rest if p.ndim < 2], "weight_decay": 0.0}],
+                              lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
+    for step in range(3):
+        loss_of(model, step).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        loss_of(reference, step).backward()
+        muon.step()
+        adamw.step()
+        muon.zero_grad()
+        adamw.zero_grad()
+    for (name, got), want in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=name)
+    assert not torch.equal(model.layers[0].weight, TwoLayers().layers[0].weight)
+
+
+def test_schedule_reaches_both_halves_and_resume_equals_continuous():
+    cfg = muon_config()
+    torch.manual_seed(0)
+    model = TwoLayers()
+    resumed_model = copy.deepcopy(model)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg)
+    for step in range(3):
+        loss_of(model, step).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        scheduler.step()
+    # the schedule's lr is what each inner optimizer reads
+    assert optimizer._muon.param_groups[0]["lr"] == optimizer._adam.param_groups[0]["lr"] == scheduler.get_last_lr()[0]
+    saved = copy.deepcopy((model.state_dict(), optimizer.state_dict(), scheduler.state_dict()))
+    for step in range(3, 6):
+        loss_of(model, step).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        scheduler.step()
+
+    resumed_model.load_state_dict(saved[0])
+    optimizer2 = build_optimizer(resumed_model, cfg)
+    scheduler2 = build_scheduler(optimizer2, cfg)
+    optimizer2.load_state_dict(saved[1])
+    scheduler2.load_state_dict(saved[2])
+    assert optimizer2._muon.state is optimizer2.state  # relinked after loading
+    momentum = optimizer2.state[resumed_model.layers[0].weight]["momentum_buffer"]
+    assert momentum.abs().sum() > 0  # Muon's momentum came back, not a fresh zero buffer
+    for step in range(3, 6):
+        loss_of(resumed_model, step).backward()
+        optimizer2.step()
+        optimizer2.zero_grad()
+        scheduler2.step()
+    for (name, got), want in zip(resumed_model.named_parameters(), model.parameters()):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=name)
+
+
+def test_a_step_with_non_finite_gradients_is_skipped_and_flagged():
+    torch.manual_seed(0)
+    model = TwoLayers()
+    optimizer = build_optimizer(model, muon_config())
+    before = copy.deepcopy(model.state_dict())
+    (loss_of(model, 0) * float("nan")).backward()
+    optimizer.step()
+    assert optimizer.overflow  # DeepSpeed's engine reads this: step not applied, schedule held
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not optimizer.state  # no momentum or Adam moments were started
+    optimizer.zero_grad()
+    loss_of(model, 1).backward()
+    optimizer.step()
+    assert not optimizer.overflow
+    assert not torch.equal(before["layers.0.weight"], model.layers[0].weight)
+
+
+@pytest.mark.parametrize("name, stage, bf16, message", [
+    ("muon", 2, False, "needs ZeRO stage 0 in fp32"), ("muon", 0, True, "with bf16"),
+    ("adamw", 0, False, "stage 0, which is for optim.name=muon")])
+def test_optimizer_and_zero_stage_mismatches_are_config_errors(name, stage, bf16, message):
+    from train.ds_engine import check_optimizer_fits
+    cfg = muon_config() if name == "muon" else OptimConfig()
+    ds_config = {"zero_optimization": {"stage": stage}, "bf16": {"enabled": bf16}}
+    with pytest.raises(ConfigError, match=message):
+        check_optimizer_fits(cfg, ds_config, "zero.json")
+    check_optimizer_fits(muon_config(), {"zero_optimization": {"stage": 0}}, "zero0.json")  # the fitting pairs
+    check_optimizer_fits(OptimConfig(), {"zero_optimization": {"stage": 2}}, "zero2.json")
