@@ -161,7 +161,7 @@ STEPS = [
          lambda out: torchrun_command("train/lm_smoke.py", "--config", "configs/smoke/lm_smoke.yaml",
                                       f"out_dir={out / 'ds_smoke'}"),
          smoke_report),
-    Step("tokenizer_stage1", "QLIP tokenizer stage 1 (MSE + CLIP + BSQ), DeepSpeed ZeRO-2 on 2 CPU processes",
+    Step("tokenizer_stage1", "QLIP tokenizer stage 1 (MSE + CLIP + BSQ), Muon + AdamW, DeepSpeed ZeRO-0 on 2 CPU processes",
          lambda out: torchrun_command("train/tokenizer.py", "--config", "configs/tokenizer/tiny_stage1.yaml",
                                       f"data.data={out / 'data'}", f"data.text_tokenizer={out / 'text_tokenizer.model'}",
                                       f"out_dir={out / 'tokenizer_stage1'}", "resume=false"),
@@ -176,7 +176,8 @@ STEPS = [
                       "--tokenizer", str(out / "tokenizer_stage2" / "export"), "--data", str(out / "data"),
                       "--out", str(out / "codes"), "--overwrite"],
          codes_report),
-    Step("unified", "unified model (Llama decoder, VQA + captions + chat + text-to-image), ZeRO-2 on 2 CPU processes",
+    Step("unified", "unified model (Llama decoder, VQA + captions + chat + text-to-image), Muon + AdamW, "
+                    "DeepSpeed ZeRO-0 on 2 CPU processes",
          lambda out: torchrun_command("train/unified.py", "--config", UNIFIED_CONFIG,
                                       f"data.tokenizer={out / 'tokenizer_stage2' / 'export'}",
                                       f"data.sources=[{{codes: {out / 'codes'}, split: train}}]",
