@@ -225,6 +225,10 @@ VARIANTS = {
                         image_weight=0.25, pos2d=True, hidden_loss=True, muon=True),
     "muon_lr2e-3_600": Variant("tiny", 600, 2e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True,
                                image_weight=0.25, pos2d=True, hidden_loss=True, muon=True),
+    "muon_lr8e-3_600": Variant("tiny", 600, 8e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True,
+                               image_weight=0.25, pos2d=True, hidden_loss=True, muon=True),
+    "muon_b16_1200": Variant("tiny", 1200, 4e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, batch=16,
+                             bit_init=True, image_weight=0.25, pos2d=True, hidden_loss=True, muon=True),
     "multiqa_bits_550": Variant("tiny", 550, 2e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True),
     "multiqa_bits_750": Variant("tiny", 750, 2e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True),
 }
