@@ -177,11 +177,12 @@ def check_optimizer_fits(optim_cfg: OptimConfig, ds_config: dict, source: str | 
                               f"stage >= 1 (configs/deepspeed/zero1.json, zero2.json), whose overflow check "
                               f"skips steps with non-finite gradients")
         return
-    if stage != 0 or ds_config.get("bf16", {}).get("enabled", False):
+    bf16 = bool(ds_config.get("bf16", {}).get("enabled", False))
+    if stage != 0 or bf16:
         raise ConfigError(f"optim.name=muon needs ZeRO stage 0 in fp32 (e.g. engine.deepspeed_config="
                           f"configs/deepspeed/zero0.json, engine.precision=fp32); {source} gives stage {stage}"
-                          f"{' with bf16' if ds_config.get('bf16', {}).get('enabled') else ''}: DeepSpeed then "
-                          f"hands the optimizer flattened 1-D partitions, and Muon needs the matrices")
+                          f"{' with bf16' if bf16 else ''}: DeepSpeed then hands the optimizer flattened "
+                          f"1-D partitions, and Muon needs the matrices")
 
 
 def zero_stage(engine: deepspeed.DeepSpeedEngine) -> int:

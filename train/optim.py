@@ -177,7 +177,7 @@ class MuonAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        self.overflow = bool(grads) and not bool(torch.stack(torch._foreach_norm(grads)).isfinite().all())
+        self.overflow = bool(grads) and not bool(torch.nn.utils.get_total_norm(grads).isfinite())
         if self.overflow:
             return loss
         for inner in (self._muon, self._adam):
