@@ -12,7 +12,8 @@ colour+shape accuracy, PSNR, pixel-judge accuracy on reconstructions, code entro
 step is the project's: the model (``tokenizer.qlip``), the batch stream
 (``train.tokenizer_data.image_text_batches``), the stage-1 loss (``train.tokenizer_loss``, the same
 function ``StageRunner`` calls), AdamW over ``train.optim.param_groups`` with the per-part
-``lr_mult`` and the ``WarmupCosine`` schedule, global-norm clipping. One step sees
+``lr_mult`` (Muon + AdamW when the YAML says ``optim.name: muon``) and the ``WarmupCosine``
+schedule, global-norm clipping. One step sees
 ``engine.micro_batch_size x ranks x engine.grad_accum_steps`` images (``ranks: 2`` in the sweep
 YAML = the demo's 2 processes), and the CLIP loss runs over ``micro_batch_size x ranks`` images, as
 the demo's gathered global batch does.
@@ -71,7 +72,7 @@ from mmcore.io import atomic_write_json  # noqa: E402
 from mmcore.text_tokenizer import TextTokenizer  # noqa: E402
 from tokenizer.qlip import QLIP, count_parameters, preset_config  # noqa: E402
 from train.distributed import set_seed  # noqa: E402  (deepspeed is imported lazily there, never here)
-from train.optim import WarmupCosine, param_groups  # noqa: E402
+from train.optim import WarmupCosine, build_optimizer, param_groups  # noqa: E402
 from train.tokenizer_config import TokenizerTrainConfig, lr_prefixes  # noqa: E402
 from train.tokenizer_data import image_text_batches, with_negatives  # noqa: E402
 from train.tokenizer_loss import stage1_loss_terms  # noqa: E402
@@ -166,9 +167,12 @@ def train_variant(cfg: TokenizerTrainConfig, ranks: int, device: torch.device, o
     weights, steps, accum = cfg.weights, cfg.steps, cfg.engine.grad_accum_steps
     optim = dataclasses.replace(cfg.optim, total_steps=max(steps, cfg.optim.warmup_steps))  # as train_run
     schedule = WarmupCosine(optim.warmup_steps, optim.total_steps, optim.min_lr_ratio)
-    groups = param_groups(model, optim.weight_decay, optim.lr, lr_prefixes(cfg.lr_mult))
-    optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
-                                  fused=device.type == "cuda")
+    if optim.name == "muon":  # as train_run (train.optim.build_optimizer)
+        optimizer = build_optimizer(model, optim, lr_prefixes(cfg.lr_mult))
+    else:  # fused AdamW on CUDA: the trainer's DeepSpeed path has its own speed-ups
+        groups = param_groups(model, optim.weight_decay, optim.lr, lr_prefixes(cfg.lr_mult))
+        optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
+                                      fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     use_text = weights.align > 0 and model.text is not None
     batch_size = cfg.engine.micro_batch_size * ranks  # one forward = the demo's gathered global micro-batch
