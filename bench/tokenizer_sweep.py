@@ -169,7 +169,7 @@ def train_variant(cfg: TokenizerTrainConfig, ranks: int, device: torch.device, o
     schedule = WarmupCosine(optim.warmup_steps, optim.total_steps, optim.min_lr_ratio)
     if optim.name == "muon":  # as train_run (train.optim.build_optimizer)
         optimizer = build_optimizer(model, optim, lr_prefixes(cfg.lr_mult))
-    else:  # fused AdamW on CUDA: the trainer's DeepSpeed path has its own speed-ups
+    else:  # AdamW, fused on CUDA (torch.optim.Muon has no fused kernel)
         groups = param_groups(model, optim.weight_decay, optim.lr, lr_prefixes(cfg.lr_mult))
         optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
                                       fused=device.type == "cuda")
