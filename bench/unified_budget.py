@@ -229,6 +229,12 @@ VARIANTS = {
                                image_weight=0.25, pos2d=True, hidden_loss=True, muon=True),
     "muon_b16_1200": Variant("tiny", 1200, 4e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, batch=16,
                              bit_init=True, image_weight=0.25, pos2d=True, hidden_loss=True, muon=True),
+    # does Muon get yes/no off its constant answer? (AdamW: constant for 3,000 steps, session 11)
+    "yesno_only_muon_1500": Variant("tiny", 1500, 4e-3, {"vqa": 1.0}, chat_turns=5, max_length=224, bit_init=True,
+                                    image_weight=0.25, pos2d=True, hidden_loss=True, qa_types=("yesno",), muon=True),
+    "yesno_only_muon_lr1e-3_1500": Variant("tiny", 1500, 1e-3, {"vqa": 1.0}, chat_turns=5, max_length=224,
+                                           bit_init=True, image_weight=0.25, pos2d=True, hidden_loss=True,
+                                           qa_types=("yesno",), muon=True),
     "multiqa_bits_550": Variant("tiny", 550, 2e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True),
     "multiqa_bits_750": Variant("tiny", 750, 2e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True),
 }
