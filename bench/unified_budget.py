@@ -32,7 +32,7 @@ import torch  # noqa: E402
 
 from mmcore.text_tokenizer import TextTokenizer  # noqa: E402
 from tokenizer.export import tokenizer_hash  # noqa: E402
-from train.optim import MuonAdamW, WarmupCosine, param_groups  # noqa: E402
+from train.optim import OptimConfig, WarmupCosine, build_optimizer  # noqa: E402
 from unified_mm.data.mixture import MixedTaskStream, MixtureConfig, SourceConfig, eval_sequences, text_gain  # noqa: E402
 from unified_mm.quick_eval import heldout_losses  # noqa: E402
 from unified_mm.loss import modality_token_losses, modality_token_losses_from_hidden, weighted_mean_loss  # noqa: E402
@@ -406,10 +406,9 @@ def run_variant(name: str, args) -> dict:
     model = build_model(model_cfg, vocab).to(device)
     # as the trainer (train/optim.py): matrices decay, norms and other 1-D weights do not (runs
     # before 2026-11-29 decayed every weight)
-    if variant.muon:
-        optimizer = MuonAdamW(param_groups(model, 0.1, lr, muon_params=("model.layers.*",)), lr, (0.9, 0.95), 1e-8)
-    else:
-        optimizer = torch.optim.AdamW(param_groups(model, 0.1, lr), lr=lr, betas=(0.9, 0.95))
+    optimizer = build_optimizer(model, OptimConfig(lr=lr, weight_decay=0.1, betas=(0.9, 0.95),
+                                                   name="muon" if variant.muon else "adamw",
+                                                   muon_params=("model.layers.*",) if variant.muon else ()))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(50, steps, 0.1))
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else torch.autocast("cpu", dtype=torch.bfloat16, enabled=variant.cpu_bf16))

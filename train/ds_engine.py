@@ -408,7 +408,7 @@ def _stage0_module(tag_dir: Path) -> dict[str, torch.Tensor]:
     path = tag_dir / "mp_rank_00_model_states.pt"
     if not path.is_file():
         raise UserError(f"checkpoint {tag_dir}: neither ZeRO optimizer shards nor {path.name}")
-    module = torch.load(path, map_location="cpu")["module"]
+    module = torch.load(path, map_location="cpu", weights_only=True)["module"]
     not_fp32 = sorted(k for k, v in module.items() if v.is_floating_point() and v.dtype != torch.float32)
     if not_fp32:
         raise UserError(f"checkpoint {tag_dir}: a stage-0 checkpoint with non-fp32 weights ({not_fp32[0]}: "
