@@ -81,6 +81,11 @@ class Variant(NamedTuple):
     single_object_steps: int = 0
     # Muon (train.optim.MuonAdamW) on the decoder layers' weight matrices, AdamW on the rest
     muon: bool = False
+    # the user turns' text (the questions) is labelled too, not only the answers: predicting
+    # "red" in "Is the object on the left red?" from the image is a first-order signal that
+    # builds the colour read-out where the yes/no answer needs it (answers alone give none:
+    # yes/no is balanced, so neither the image nor the question alone predicts it)
+    question_labels: bool = False
 
 
 VARIANTS = {
@@ -235,6 +240,12 @@ VARIANTS = {
     "yesno_only_muon_lr1e-3_1500": Variant("tiny", 1500, 1e-3, {"vqa": 1.0}, chat_turns=5, max_length=224,
                                            bit_init=True, image_weight=0.25, pos2d=True, hidden_loss=True,
                                            qa_types=("yesno",), muon=True),
+    # session 17: questions labelled too (QuestionLabelBuilder), yes/no alone and the demo's mixture
+    "yesno_only_muon_qlabel_600": Variant("tiny", 600, 4e-3, {"vqa": 1.0}, chat_turns=5, max_length=224,
+                                          bit_init=True, image_weight=0.25, pos2d=True, hidden_loss=True,
+                                          qa_types=("yesno",), muon=True, question_labels=True),
+    "muon_qlabel_600": Variant("tiny", 600, 4e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True,
+                               image_weight=0.25, pos2d=True, hidden_loss=True, muon=True, question_labels=True),
     "multiqa_bits_550": Variant("tiny", 550, 2e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True),
     "multiqa_bits_750": Variant("tiny", 750, 2e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True),
 }
@@ -250,6 +261,26 @@ class PromptImageBuilder(SequenceBuilder):
         span = len(self._image_span(image_codes))  # <boi> ids <eoi>, right after <user>
         labels = list(segment.labels)
         labels[2: 1 + span] = segment.ids[2: 1 + span]  # image ids and <eoi>; <boi> stays a prompt
+        return segment._replace(labels=labels)
+
+
+class QuestionLabelBuilder(SequenceBuilder):
+    """Bench-only: in conversations (vqa, caption, chat) a user turn's text ids are labelled, so
+    the model learns to predict the question; text-to-image captions stay prompts."""
+
+    def chat(self, turns, task="chat"):
+        self._label_user_text = True
+        try:
+            return super().chat(turns, task)
+        finally:
+            self._label_user_text = False
+
+    def _user(self, text_ids, image_codes):
+        segment = super()._user(text_ids, image_codes)
+        if not getattr(self, "_label_user_text", False) or not text_ids:
+            return segment
+        labels = list(segment.labels)
+        labels[-len(text_ids):] = text_ids  # the text is the turn's tail, after <user> and any image
         return segment._replace(labels=labels)
 
 
@@ -390,8 +421,12 @@ def run_variant(name: str, args) -> dict:
     if variant.text_first and variant.prompt_image_weight > 0:
         raise SystemExit(f"{name}: text_first and prompt_image_weight do not combine (bench builders)")
     builder = (TextFirstBuilder if variant.text_first else SequenceBuilder)(text, vocab, variant.max_length)
+    if variant.prompt_image_weight > 0 and variant.question_labels:
+        raise SystemExit(f"{name}: prompt_image_weight and question_labels do not combine (bench builders)")
     if variant.prompt_image_weight > 0:  # training sequences only: evaluation keeps the plain builder
         train_builder = PromptImageBuilder(text, vocab, variant.max_length)
+    elif variant.question_labels:
+        train_builder = QuestionLabelBuilder(text, vocab, variant.max_length)
     else:
         train_builder = builder
     tok_hash = tokenizer_hash(args.tokenizer)
@@ -459,7 +494,7 @@ def run_variant(name: str, args) -> dict:
             "overrides": variant.overrides, "prompt_image_weight": variant.prompt_image_weight,
             "qa_rounds": variant.qa_rounds, "hidden_loss": variant.hidden_loss, "qa_types": list(variant.qa_types),
             "text_first": variant.text_first, "single_object_steps": variant.single_object_steps,
-            "muon": variant.muon,
+            "muon": variant.muon, "question_labels": variant.question_labels,
             "seconds": round(time.perf_counter() - start, 1), **final, "curve": curve}
 
 
