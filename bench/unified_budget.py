@@ -37,7 +37,7 @@ from unified_mm.data.mixture import MixedTaskStream, MixtureConfig, SourceConfig
 from unified_mm.quick_eval import heldout_losses  # noqa: E402
 from unified_mm.loss import modality_token_losses, modality_token_losses_from_hidden, weighted_mean_loss  # noqa: E402
 from unified_mm.model import UnifiedModelConfig, build_model  # noqa: E402
-from unified_mm.sequence import IGNORE_INDEX, TASKS, SequenceBuilder, collate  # noqa: E402
+from unified_mm.sequence import IGNORE_INDEX, TASKS, SequenceBuilder, Turn, collate  # noqa: E402
 from unified_mm.tokenizer_cli import read_manifest, read_precomputed  # noqa: E402
 from unified_mm.vocab import Vocab  # noqa: E402
 
@@ -86,6 +86,9 @@ class Variant(NamedTuple):
     # builds the colour read-out where the yes/no answer needs it (answers alone give none:
     # yes/no is balanced, so neither the image nor the question alone predicts it)
     question_labels: bool = False
+    # > 0: this fraction of chats open with a scaffold pair (use_yesno_scaffold): "What colour is
+    # the object <place>?" and then "Is the object <place> <colour>?" about the same object
+    yesno_scaffold: float = 0.0
 
 
 VARIANTS = {
@@ -246,6 +249,13 @@ VARIANTS = {
                                           qa_types=("yesno",), muon=True, question_labels=True),
     "muon_qlabel_600": Variant("tiny", 600, 4e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True,
                                image_weight=0.25, pos2d=True, hidden_loss=True, muon=True, question_labels=True),
+    # session 17: yes/no after a colour question about the same object, in half the chats: the
+    # answer is then a match of two text words (learnable, bench/scene_qa_text.py), which may
+    # route the asked colour to the answer position, so that reading it from the image pays off
+    "muon_yn_scaffold_600": Variant("tiny", 600, 4e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True,
+                                    image_weight=0.25, pos2d=True, hidden_loss=True, muon=True, yesno_scaffold=0.5),
+    "muon_yn_scaffold_1500": Variant("tiny", 1500, 4e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True,
+                                     image_weight=0.25, pos2d=True, hidden_loss=True, muon=True, yesno_scaffold=0.5),
     "multiqa_bits_550": Variant("tiny", 550, 2e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True),
     "multiqa_bits_750": Variant("tiny", 750, 2e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True),
 }
@@ -319,6 +329,33 @@ def use_qa_rounds(rounds: int) -> None:
         return list(pairs.items())
 
     mixture._qa_pairs = qa_pairs
+
+
+def use_yesno_scaffold(fraction: float) -> None:
+    """A ``fraction`` of ShapesWorld chats open with "What colour is the object <place>?" and
+    then "Is the object <place> <colour>?" about the same object (yes for half of them), followed
+    by the sample's other questions as usual."""
+    from unified_mm.data import mixture
+    from unified_mm.data.shapesworld import DEFAULT_COLOURS, LOCATION_PHRASES
+
+    build = mixture.build_sequence
+
+    def scaffolded(task, image_codes, meta, rng, cfg, builder):
+        if task != "chat" or not meta.get("objects") or rng.random() >= fraction:
+            return build(task, image_codes, meta, rng, cfg, builder)
+        obj = rng.choice(meta["objects"])
+        place = LOCATION_PHRASES[obj["position"]]
+        asked = obj["colour"] if rng.random() < 0.5 else rng.choice(sorted(set(DEFAULT_COLOURS) - {obj["colour"]}))
+        pairs = [(f"What colour is the object {place}?", obj["colour"]),
+                 (f"Is the object {place} {asked}?", "yes" if asked == obj["colour"] else "no")]
+        others = [p for p in mixture._qa_pairs(meta) if p[0] not in {q for q, _ in pairs}]
+        pairs += rng.sample(others, min(cfg.chat_turns - 2, len(others)))
+        turns = []
+        for index, (question, answer) in enumerate(pairs):
+            turns += [Turn("user", question, image_codes if index == 0 else None), Turn("assistant", answer)]
+        return builder.chat(turns, task="chat")
+
+    mixture.build_sequence = scaffolded
 
 
 def use_single_object_start(stream: MixedTaskStream, steps: int, current_step: list) -> None:
@@ -413,6 +450,8 @@ def run_variant(name: str, args) -> dict:
         use_qa_rounds(variant.qa_rounds)
     if variant.qa_types:
         use_qa_types(variant.qa_types)
+    if variant.yesno_scaffold:
+        use_yesno_scaffold(variant.yesno_scaffold)
     text = TextTokenizer(Path(args.tokenizer) / "text_tokenizer.model")
     manifest = read_manifest(args.codes)
     # one_group: all of a patch's bits as one image id (the vocabulary regroups the stored codes)
@@ -495,6 +534,7 @@ def run_variant(name: str, args) -> dict:
             "qa_rounds": variant.qa_rounds, "hidden_loss": variant.hidden_loss, "qa_types": list(variant.qa_types),
             "text_first": variant.text_first, "single_object_steps": variant.single_object_steps,
             "muon": variant.muon, "question_labels": variant.question_labels,
+            "yesno_scaffold": variant.yesno_scaffold,
             "seconds": round(time.perf_counter() - start, 1), **final, "curve": curve}
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from tokenizer.export import load_tokenizer
@@ -76,8 +77,9 @@ def test_time_budget_plans_the_steps_and_anneals_at_the_end(dataset, tmp_path):
     assert metrics["time_budget"]["planned"] == metrics["steps"]
     records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert records[-1]["step"] == metrics["steps"] == records[-1]["planned_steps"]
-    # the cosine ends on the planned step (lr 1e-3 x min_lr_ratio 0.05), not on the cap's
-    assert records[-1]["lr"] == pytest.approx(5e-5)
+    # the cosine ends on the planned step (at lr x min_lr_ratio of the saved config), not on the cap's
+    optim = yaml.safe_load((out / "config.yaml").read_text())["optim"]
+    assert records[-1]["lr"] == pytest.approx(float(optim["lr"]) * float(optim["min_lr_ratio"]))
     assert json.loads((out / "export" / "config.json").read_text())["metadata"]["steps"] == metrics["steps"]
 
 

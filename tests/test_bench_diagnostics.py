@@ -1,0 +1,59 @@
+"""bench/yesno_probe.py and bench/unified_budget.py's QuestionLabelBuilder: the diagnostics measure
+what they say (probe rows and their truth, the AUC, which tokens a bench builder labels)."""
+import numpy as np
+import torch
+
+from unified_mm.sequence import IGNORE_INDEX, Turn
+
+from tests.script_env import load_script
+from tests.test_sequence import make_builder, tok, vocab  # noqa: F401 (fixtures)
+
+probe = load_script("bench/yesno_probe.py", "yesno_probe")
+budget = load_script("bench/unified_budget.py", "unified_budget")
+
+
+def test_probe_rows_ask_every_colour_once_per_object_and_say_yes_only_to_its_own():
+    meta = {"objects": [{"position": "top left", "colour": "red"}, {"position": "bottom", "colour": "blue"}]}
+    rows = probe.prompts_for(meta, ["blue", "green", "red"])
+    yesno = [r for r in rows if r["kind"] == "yesno"]
+    assert len(yesno) == 6 and len(rows) == 8
+    assert [r["answer"] for r in yesno] == [0, 0, 1, 1, 0, 0]
+    assert yesno[2]["question"] == "Is the object in the top left red?"
+    assert {r["question"] for r in rows if r["kind"] == "colour"} == {
+        "What colour is the object in the top left?", "What colour is the object at the bottom?"}
+
+
+def test_auc_of_perfect_reversed_and_tied_scores():
+    truth = torch.tensor([0, 0, 1, 1])
+    assert probe.auc(torch.tensor([0.1, 0.2, 0.8, 0.9]), truth) == 1.0
+    assert probe.auc(torch.tensor([0.9, 0.8, 0.2, 0.1]), truth) == 0.0
+    assert probe.auc(torch.tensor([0.5, 0.5, 0.5, 0.5]), truth) == 0.5
+    assert probe.auc(torch.tensor([0.1, 0.6, 0.5, 0.9]), truth) == 0.75  # one of four pairs wrong
+
+
+def test_probe_reads_a_linear_label_and_not_a_random_one():
+    torch.manual_seed(0)
+    x = torch.randn(400, 8)
+    train = torch.arange(400) % 2 == 0
+    readable = ["a" if v > 0 else "b" for v in x[:, 3].tolist()]
+    random_labels = ["a" if v else "b" for v in (torch.rand(400) > 0.5).tolist()]
+    assert probe.probe_accuracy(x, readable, train) > 0.95
+    assert probe.probe_accuracy(x, random_labels, train) < 0.65
+
+
+def test_question_label_builder_labels_questions_in_chats_but_not_captions(tok, vocab):  # noqa: F811
+    builder = budget.QuestionLabelBuilder(tok, vocab, 192)
+    codes = np.zeros((vocab.num_patches, vocab.code_groups), np.int64)
+    seq = builder.chat([Turn("user", "is it red", codes), Turn("assistant", "yes"),
+                        Turn("user", "what shape"), Turn("assistant", "circle")], task="vqa")
+    labelled = [i for i, label in zip(seq.ids, seq.labels) if label != IGNORE_INDEX]
+    expected = [*tok.encode("is it red"), *tok.encode("yes"), tok.eos_id,
+                *tok.encode("what shape"), *tok.encode("circle"), tok.eos_id]
+    assert labelled == expected  # no image ids, specials or <assistant>
+    generated = builder.generation("a red circle", codes)
+    caption_ids = set(tok.encode("a red circle"))
+    assert not any(label in caption_ids for label in generated.labels)
+    plain = make_builder(tok, vocab).understanding(codes, "is it red", "yes")
+    with_question = builder.understanding(codes, "is it red", "yes")
+    assert plain.ids == with_question.ids  # the same sequence, only more of it labelled
+    assert [i for i in plain.labels if i != IGNORE_INDEX] == [*tok.encode("yes"), tok.eos_id]
