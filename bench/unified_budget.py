@@ -278,6 +278,8 @@ class QuestionLabelBuilder(SequenceBuilder):
     """Bench-only: in conversations (vqa, caption, chat) a user turn's text ids are labelled, so
     the model learns to predict the question; text-to-image captions stay prompts."""
 
+    _label_user_text = False  # True only while a conversation is rendered
+
     def chat(self, turns, task="chat"):
         self._label_user_text = True
         try:
@@ -287,7 +289,7 @@ class QuestionLabelBuilder(SequenceBuilder):
 
     def _user(self, text_ids, image_codes):
         segment = super()._user(text_ids, image_codes)
-        if not getattr(self, "_label_user_text", False) or not text_ids:
+        if not self._label_user_text or not text_ids:
             return segment
         labels = list(segment.labels)
         labels[-len(text_ids):] = text_ids  # the text is the turn's tail, after <user> and any image

@@ -125,12 +125,14 @@ def main() -> int:
         states.append(answer_states(loaded, builder, image_codes, [r["question"] for r in image_rows]))
         rows += image_rows
         image_index += [index] * len(image_rows)
+    if not states:
+        raise SystemExit(f"{args.codes}: no val samples to probe")
     x = torch.cat(states)
     train_image = torch.tensor(image_index) % 2 == 0  # half the images fit, the other half score
     yes_id, no_id = (loaded.text_tokenizer.encode(w) for w in ("yes", "no"))
     logits = loaded.model.lm_head(x)
     margin = (logits[:, yes_id[0]] - logits[:, no_id[0]]).detach()
-    report = {"model": args.model, "images": min(args.images, index + 1)}
+    report = {"model": args.model, "images": len(states)}
     for subset, keep in (("all", lambda r: True), ("one_object", lambda r: r["objects"] == 1),
                          ("several", lambda r: r["objects"] > 1)):
         yn = torch.tensor([r["kind"] == "yesno" and keep(r) for r in rows])

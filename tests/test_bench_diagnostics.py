@@ -57,3 +57,27 @@ def test_question_label_builder_labels_questions_in_chats_but_not_captions(tok, 
     with_question = builder.understanding(codes, "is it red", "yes")
     assert plain.ids == with_question.ids  # the same sequence, only more of it labelled
     assert [i for i in plain.labels if i != IGNORE_INDEX] == [*tok.encode("yes"), tok.eos_id]
+
+
+def test_yesno_scaffold_opens_chats_with_a_colour_question_then_a_true_yes_no(tok, vocab, monkeypatch):  # noqa: F811
+    import random
+
+    from unified_mm.data import mixture
+
+    monkeypatch.setattr(mixture, "build_sequence", mixture.build_sequence)  # restored after the test
+    budget.use_yesno_scaffold(1.0)
+    meta = {"objects": [{"position": "left", "colour": "red"}, {"position": "top", "colour": "blue"}],
+            "qa": [{"question": "How many objects are there?", "answer": "2"}]}
+    codes = np.zeros((vocab.num_patches, vocab.code_groups), np.int64)
+    answers = {}
+    for seed in range(40):
+        seq = mixture.build_sequence("chat", codes, meta, random.Random(seed), mixture.MixtureConfig(chat_turns=5),
+                                     make_builder(tok, vocab))
+        text = tok.decode([i for i in seq.ids if i < vocab.image_start])
+        colour = "red" if "on the left" in text.split("?")[0] else "blue"
+        asked = text.split("?")[1].split()[-1]  # "<colour>Is the object <place> <asked>"
+        answers[seed] = (asked == colour, text)
+        assert text.startswith(f"What colour is the object {'on the left' if colour == 'red' else 'at the top'}?{colour}")
+        assert ("?yes" in text) == (asked == colour) and ("?no" in text) != (asked == colour)
+        assert text.endswith("How many objects are there?2")
+    assert 5 < sum(match for match, _ in answers.values()) < 35  # about half the scaffolds say yes
