@@ -66,6 +66,8 @@ def answer_states(loaded, builder: SequenceBuilder, image_codes, questions: list
     return hidden[torch.arange(len(prompts)), last]
 
 
+# The probe and the AUC are written here rather than taken from scikit-learn or SciPy: neither is
+# a dependency of this project (nor installed in its environment), and each is a few lines of torch.
 def fit_probe(x: torch.Tensor, y: torch.Tensor, classes: int, steps: int = 300) -> torch.nn.Linear:
     """Multinomial logistic regression (L-BFGS, small L2) on standardised features."""
     probe = torch.nn.Linear(x.shape[1], classes)
@@ -129,9 +131,11 @@ def main() -> int:
         raise SystemExit(f"{args.codes}: no val samples to probe")
     x = torch.cat(states)
     train_image = torch.tensor(image_index) % 2 == 0  # half the images fit, the other half score
-    yes_id, no_id = (loaded.text_tokenizer.encode(w) for w in ("yes", "no"))
+    answer_ids = [loaded.text_tokenizer.encode(word) for word in ("yes", "no")]
+    if any(len(ids) != 1 for ids in answer_ids):  # the margin compares the first answer token only
+        raise SystemExit(f"'yes' / 'no' are not single text pieces ({answer_ids}): the margin needs one id each")
     logits = loaded.model.lm_head(x)
-    margin = (logits[:, yes_id[0]] - logits[:, no_id[0]]).detach()
+    margin = (logits[:, answer_ids[0][0]] - logits[:, answer_ids[1][0]]).detach()
     report = {"model": args.model, "images": len(states)}
     for subset, keep in (("all", lambda r: True), ("one_object", lambda r: r["objects"] == 1),
                          ("several", lambda r: r["objects"] > 1)):

@@ -1,5 +1,6 @@
-"""bench/yesno_probe.py and bench/unified_budget.py's QuestionLabelBuilder: the diagnostics measure
-what they say (probe rows and their truth, the AUC, which tokens a bench builder labels)."""
+"""bench/yesno_probe.py and bench/unified_budget.py's QuestionLabelBuilder and yes/no scaffold: the
+diagnostics measure what they say (probe rows and their truth, the AUC, which tokens a bench builder
+labels, what a scaffolded chat asks and answers)."""
 import numpy as np
 import torch
 
