@@ -89,6 +89,9 @@ class Variant(NamedTuple):
     # > 0: this fraction of chats open with a scaffold pair (use_yesno_scaffold): "What colour is
     # the object <place>?" and then "Is the object <place> <colour>?" about the same object
     yesno_scaffold: float = 0.0
+    # with bit_init: share of each image row's variance kept from its random init
+    # (UnifiedModelConfig.image_embedding_random): a direction per id, for shapes
+    bit_random: float = 0.0
 
 
 VARIANTS = {
@@ -256,6 +259,21 @@ VARIANTS = {
                                     image_weight=0.25, pos2d=True, hidden_loss=True, muon=True, yesno_scaffold=0.5),
     "muon_yn_scaffold_1500": Variant("tiny", 1500, 4e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True,
                                      image_weight=0.25, pos2d=True, hidden_loss=True, muon=True, yesno_scaffold=0.5),
+    # session 18: bits map + per-id random rows (half the variance each), and pure random rows
+    "muon_bitrand0.5_600": Variant("tiny", 600, 4e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True,
+                                   image_weight=0.25, pos2d=True, hidden_loss=True, muon=True, bit_random=0.5),
+    # perception alone: shape questions on one-object images (no object to find), by init
+    "shape1obj_bits_300": Variant("tiny", 300, 4e-3, {"vqa": 1.0}, chat_turns=5, max_length=224, bit_init=True,
+                                  image_weight=0.25, pos2d=True, hidden_loss=True, muon=True, qa_types=("shape",),
+                                  single_object_steps=10**9),
+    "shape1obj_default_300": Variant("tiny", 300, 4e-3, {"vqa": 1.0}, chat_turns=5, max_length=224,
+                                     image_weight=0.25, pos2d=True, hidden_loss=True, muon=True, qa_types=("shape",),
+                                     single_object_steps=10**9),
+    "shape1obj_bitrand0.5_300": Variant("tiny", 300, 4e-3, {"vqa": 1.0}, chat_turns=5, max_length=224, bit_init=True,
+                                        image_weight=0.25, pos2d=True, hidden_loss=True, muon=True,
+                                        qa_types=("shape",), single_object_steps=10**9, bit_random=0.5),
+    "muon_default_init_600": Variant("tiny", 600, 4e-3, MULTI_QA_MIX, chat_turns=5, max_length=224,
+                                     image_weight=0.25, pos2d=True, hidden_loss=True, muon=True),
     "multiqa_bits_550": Variant("tiny", 550, 2e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True),
     "multiqa_bits_750": Variant("tiny", 750, 2e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True),
 }
@@ -398,7 +416,7 @@ def vqa_accuracy(model, builder: SequenceBuilder, codes: str, tok_hash: str, dev
         if pair["type"] == "yesno":
             groups.append(f"yesno_{yesno_template(pair['question'])}")
         if binding := binding_group(pair["type"], meta):
-            groups.append(f"named_{binding}")
+            groups += [f"named_{binding}", f"{pair['type']}_{binding}"]
         rows.append((builder.understanding(image_codes, pair["question"], str(pair["answer"])), groups))
         if len(rows) == n:
             break
@@ -478,6 +496,7 @@ def run_variant(name: str, args) -> dict:
         use_single_object_start(stream, variant.single_object_steps, current_step)
     torch.manual_seed(args.seed)
     model_cfg = UnifiedModelConfig(preset=preset, image_embedding_init="bits" if variant.bit_init else "default",
+                                   image_embedding_random=variant.bit_random,
                                    image_positions=variant.pos2d, overrides=dict(variant.overrides))
     model = build_model(model_cfg, vocab).to(device)
     # as the trainer (train/optim.py): matrices decay, norms and other 1-D weights do not (runs
@@ -536,7 +555,7 @@ def run_variant(name: str, args) -> dict:
             "qa_rounds": variant.qa_rounds, "hidden_loss": variant.hidden_loss, "qa_types": list(variant.qa_types),
             "text_first": variant.text_first, "single_object_steps": variant.single_object_steps,
             "muon": variant.muon, "question_labels": variant.question_labels,
-            "yesno_scaffold": variant.yesno_scaffold,
+            "yesno_scaffold": variant.yesno_scaffold, "bit_random": variant.bit_random,
             "seconds": round(time.perf_counter() - start, 1), **final, "curve": curve}
 
 

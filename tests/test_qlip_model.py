@@ -399,3 +399,25 @@ def test_attention_equals_separate_rope_and_sdpa(causal):
     expected = attn.proj(attn.inner_norm(rearrange(out, "b h n d -> b n (h d)")))
     assert torch.allclose(attn(x, rope_table(angles), causal), expected, atol=1e-5)
     assert torch.allclose(attn(x, angles, causal), expected, atol=1e-5)
+
+
+def test_code_head_embeds_the_mean_of_the_codes_and_trains_the_encoder():
+    """code_head: code_embeds is L2(Linear(mean over patches of the quantized codes)), so only
+    what the codes carry reaches it; its gradient reaches the encoder through the quantizer's
+    straight-through estimator; without the head there is no code_embeds; freeze_encoder freezes it."""
+    torch.manual_seed(0)
+    plain = build_qlip(preset_config("tiny", {"text": None}))
+    assert plain.code_head is None and plain(pixels()).code_embeds is None
+    torch.manual_seed(0)
+    model = build_qlip(preset_config("tiny", {"text": None, "code_head": True}))
+    out = model(pixels())
+    expected = torch.nn.functional.normalize(model.code_head(out.bsq.quantized.mean(dim=1)), dim=-1)
+    assert out.code_embeds.shape == (B, model.config.embed_dim) and unit_norm(out.code_embeds)
+    assert torch.allclose(out.code_embeds, expected, atol=1e-6)
+    out.code_embeds.sum().backward()
+    assert model.encoder.patch_embed.weight.grad is not None
+    assert float(model.encoder.patch_embed.weight.grad.abs().sum()) > 0
+    assert count_parameters(model)["encoder"] == count_parameters(plain)["encoder"] + sum(
+        p.numel() for p in model.code_head.parameters())
+    model.freeze_encoder()
+    assert not any(p.requires_grad for p in model.code_head.parameters())

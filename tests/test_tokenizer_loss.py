@@ -37,3 +37,29 @@ def test_recon_images_rounds_and_keeps_one(fraction, batch, expected):
 def test_recon_fraction_outside_unit_interval_is_an_error(fraction):
     with pytest.raises(ConfigError, match="recon_fraction"):
         TokenizerTrainConfig(recon_fraction=fraction).validate()
+
+
+def test_code_align_adds_a_clip_term_on_the_code_embeddings():
+    """weights.code_align: total gains code_align x the CLIP loss of (code_embeds, text_embeds);
+    0 leaves the objective as it was; the config refuses it without a code head or in stage 2."""
+    torch.manual_seed(0)
+    model = build_qlip(preset_config("tiny", {"code_head": True})).eval()
+    pixels = torch.rand(4, 3, 32, 32) * 2 - 1
+    ids = torch.randint(1, model.config.text.vocab_size, (4, 6))
+    with torch.no_grad():
+        out = model(pixels, ids, torch.ones_like(ids, dtype=torch.bool))
+        base, terms = stage1_loss_terms(model, out, pixels, [0, 1, 2, 3], LossWeights(50.0, 1.0, 1.0))
+        total, with_codes = stage1_loss_terms(model, out, pixels, [0, 1, 2, 3],
+                                              LossWeights(50.0, 1.0, 1.0, code_align=0.5))
+    assert "code_align" not in terms
+    assert torch.allclose(total, base + 0.5 * with_codes["code_align"])
+    swapped = out._replace(image_embeds=out.code_embeds)  # the [CLS] term computed on the codes' embeds
+    with torch.no_grad():
+        _, reference = stage1_loss_terms(model, swapped, pixels, [0, 1, 2, 3], LossWeights(50.0, 1.0, 1.0))
+    assert torch.allclose(with_codes["code_align"], reference["align"])
+    with pytest.raises(ConfigError, match="code_head"):
+        TokenizerTrainConfig(weights=LossWeights(code_align=1.0)).validate()
+    with pytest.raises(ConfigError, match="stage 1"):
+        TokenizerTrainConfig(stage=2, init_from="x", model={"code_head": True},
+                             weights=LossWeights(code_align=1.0)).validate()
+    TokenizerTrainConfig(model={"code_head": True}, weights=LossWeights(code_align=1.0)).validate()

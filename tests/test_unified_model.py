@@ -4,7 +4,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from mmcore.config import config_from_dict
+from mmcore.config import ConfigError, config_from_dict
 from mmcore.errors import UserError
 from unified_mm.model import (PRESETS, UnifiedModelConfig, build_model, count_parameters,
                               preset_llama_config, resolve_attention, special_token_ids)
@@ -203,6 +203,29 @@ def test_bit_pattern_init_of_image_rows():
             assert 0.5 < float(new[lo:hi].detach().std() / old[:start].detach().std()) < 2  # default init scale
     with pytest.raises(Exception, match="image_embedding_init"):
         UnifiedModelConfig(image_embedding_init="zeros").validate()
+
+
+def test_bit_init_with_random_share_mixes_the_default_rows():
+    """image_embedding_random=r: each image row is sqrt(1-r)·(the bits map) + sqrt(r)·(the row the
+    default init drew), so the rows are no longer linear in the bits; text rows untouched."""
+    r = 0.5
+    rows = {}
+    for name, kwargs in {"plain": {}, "bits": {"image_embedding_init": "bits"},
+                         "mixed": {"image_embedding_init": "bits", "image_embedding_random": r}}.items():
+        torch.manual_seed(0)
+        rows[name] = build_model(UnifiedModelConfig(overrides=SMALL, **kwargs), SHAPES).get_input_embeddings().weight
+    start = SHAPES.image_start
+    assert torch.equal(rows["mixed"][:start], rows["plain"][:start])
+    expected = (1 - r) ** 0.5 * rows["bits"][start:] + r ** 0.5 * rows["plain"][start:]
+    assert torch.allclose(rows["mixed"][start:], expected, atol=1e-7)
+    lo, hi = SHAPES.group_range(0)
+    signs = SHAPES.code_bits(torch.arange(SHAPES.group_vocab)).float() * 2 - 1  # (64, 6)
+    solution = torch.linalg.lstsq(signs, rows["mixed"][lo:hi].detach()).solution
+    assert not torch.allclose(signs @ solution, rows["mixed"][lo:hi], atol=1e-3)  # a per-id part
+    for bad, match in (({"image_embedding_init": "bits", "image_embedding_random": 1.0}, r"\[0, 1\)"),
+                       ({"image_embedding_random": 0.5}, "needs image_embedding_init: bits")):
+        with pytest.raises(ConfigError, match=match):
+            UnifiedModelConfig(**bad).validate()
 
 
 def test_code_bits_are_msb_first():

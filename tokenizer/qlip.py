@@ -87,6 +87,13 @@ class QLIPConfig:
     # last block's [CLS] state), "mean" (mean of the last patch states) or "attention" (one more
     # attention step of a learned query over the last states, SigLIP's MAP pooling without its MLP).
     image_pool: ImagePool = "cls"
+    # A linear head from the mean of the quantized codes to the contrastive space (code_embeds),
+    # for a second CLIP term on the codes themselves (train: weights.code_align). The [CLS] path
+    # aligns the encoder, not the codes a language model reads: on the demo's codes an object's
+    # centre patch names its colour but its shape only 60% of the time, so shape must be pieced
+    # together from several patches. Aligning the codes' mean asks every object patch to carry
+    # what the caption says.
+    code_head: bool = False
 
     @property
     def bottleneck_width(self) -> int:
@@ -217,6 +224,7 @@ class QLIPOutput(NamedTuple):
     #   B_dec <= B images (forward's decode_count)
     bsq: BSQOutput  # codes and the quantizer's loss / metrics
     logit_scale: torch.Tensor  # () exp of the clamped learnable log-scale
+    code_embeds: torch.Tensor | None = None  # (B, E) L2-normalised; with config.code_head only
 
 
 class ImageEmbeddingHead(nn.Module):
@@ -302,6 +310,7 @@ class QLIP(nn.Module):
                                              config.encoder.heads)
         self.bottleneck = Bottleneck(config)
         self.quantizer = BSQuantizer(config.bsq)
+        self.code_head = nn.Linear(config.bsq.num_bits, config.embed_dim) if config.code_head else None
         self.decoder = ViTDecoder(config.decoder)
         self.text = TextEncoder(config.text, config.embed_dim) if config.text is not None else None
         # shape (1,), not (): DeepSpeed's parameter broadcast cannot handle 0-dim tensors
@@ -324,7 +333,7 @@ class QLIP(nn.Module):
         Freezes the ViT encoder, the [CLS] head, the text tower (if any) and the logit scale, and
         runs the encoder trunk without autograd from then on (no activations kept for it).
         """
-        for module in (self.encoder, self.image_head, self.text):
+        for module in (self.encoder, self.image_head, self.code_head, self.text):
             if module is not None:
                 module.requires_grad_(False)
         self.logit_scale.requires_grad_(False)
@@ -417,7 +426,14 @@ class QLIP(nn.Module):
         if text_ids is not None:
             text_embeds = self.encode_text(text_ids, attention_mask)
         return QLIPOutput(encoded.image_embeds, text_embeds, reconstruction, encoded.codes,
-                          self.get_logit_scale())
+                          self.get_logit_scale(), self.code_embeds(encoded.codes.quantized))
+
+    def code_embeds(self, quantized: torch.Tensor) -> torch.Tensor | None:
+        """(B, N, L) code vectors -> (B, E) L2-normalised embedding of their mean (None without
+        ``config.code_head``): linear in the codes, so only what the patches carry can align."""
+        if self.code_head is None:
+            return None
+        return F.normalize(self.code_head(quantized.mean(dim=1)), dim=-1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -434,7 +450,7 @@ def build_qlip(config_or_preset: QLIPConfig | str) -> QLIP:
 
 # part name -> parameter-name prefixes; every parameter belongs to exactly one part
 PARTS: dict[str, tuple[str, ...]] = {
-    "encoder": ("encoder.", "image_head."),
+    "encoder": ("encoder.", "image_head.", "code_head."),
     "bottleneck": ("bottleneck.",),
     "decoder": ("decoder.",),
     "text": ("text.",),

@@ -26,9 +26,11 @@ class LossWeights:
     recon: float = 100.0
     align: float = 1.0
     quantizer: float = 1.0
+    # CLIP term on the codes' own embedding (QLIPConfig.code_head), beside align's on [CLS]
+    code_align: float = 0.0
 
     def validate(self) -> None:
-        if min(self.recon, self.align, self.quantizer) < 0:
+        if min(self.recon, self.align, self.quantizer, self.code_align) < 0:
             raise ConfigError(f"weights must be >= 0, got {self}")
 
 
@@ -78,6 +80,9 @@ class TokenizerTrainConfig:
             raise ConfigError(f"stage must be 1 or 2, got {self.stage}")
         if self.stage == 2 and not self.init_from:
             raise ConfigError("stage 2 needs init_from=<stage-1 export directory>")
+        if self.weights.code_align > 0 and (self.stage != 1 or not self.model.get("code_head")):
+            raise ConfigError("weights.code_align > 0 aligns the codes' embedding with text: it needs stage 1 "
+                              "and model.code_head: true")
         if self.stage == 2 and self.balance.mode == "auto":
             raise ConfigError("balance.mode=auto balances alignment vs reconstruction: stage 1 only")
         unknown = sorted(set(self.lr_mult) - set(PARTS))

@@ -57,4 +57,13 @@ def stage1_loss_terms(model: QLIP, out: QLIPOutput, pixels: torch.Tensor, labels
                          negative_positives=negative_positives)
         total = total + weights.align * clip.loss
         terms.update(align=clip.loss, i2t_acc=clip.image_to_text_acc, t2i_acc=clip.text_to_image_acc)
+        if weights.code_align > 0:
+            if out.code_embeds is None:
+                raise ValueError("weights.code_align > 0 needs a model with a code head (model.code_head: true)")
+            codes = clip_loss(out.code_embeds, text_embeds, model.logit_scale, positives,
+                              max_logit_scale=model.config.max_logit_scale, rescale_local_grad=True,
+                              negative_embeds=negative_embeds if negative_labels is not None else None,
+                              negative_positives=negative_positives)
+            total = total + weights.code_align * codes.loss
+            terms.update(code_align=codes.loss, code_i2t_acc=codes.image_to_text_acc)
     return total, terms
