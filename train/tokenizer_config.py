@@ -80,9 +80,10 @@ class TokenizerTrainConfig:
             raise ConfigError(f"stage must be 1 or 2, got {self.stage}")
         if self.stage == 2 and not self.init_from:
             raise ConfigError("stage 2 needs init_from=<stage-1 export directory>")
-        if self.weights.code_align > 0 and (self.stage != 1 or not self.model.get("code_head")):
-            raise ConfigError("weights.code_align > 0 aligns the codes' embedding with text: it needs stage 1 "
-                              "and model.code_head: true")
+        # stage 2 has no text tower: align and code_align (inherited from stage 1's YAML) go unused
+        if self.stage == 1 and self.weights.code_align > 0 and not self.model.get("code_head"):
+            raise ConfigError("weights.code_align > 0 aligns the codes' embedding with text: it needs "
+                              "model.code_head: true")
         if self.stage == 2 and self.balance.mode == "auto":
             raise ConfigError("balance.mode=auto balances alignment vs reconstruction: stage 1 only")
         unknown = sorted(set(self.lr_mult) - set(PARTS))
