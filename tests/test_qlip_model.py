@@ -411,7 +411,7 @@ def test_code_head_embeds_the_mean_of_the_codes_and_trains_the_encoder():
     torch.manual_seed(0)
     model = build_qlip(preset_config("tiny", {"text": None, "code_head": True}))
     out = model(pixels())
-    expected = torch.nn.functional.normalize(model.code_head(out.bsq.quantized.mean(dim=1)), dim=-1)
+    expected = torch.nn.functional.normalize(model.code_head.proj(out.bsq.quantized.mean(dim=1)), dim=-1)
     assert out.code_embeds.shape == (B, model.config.embed_dim) and unit_norm(out.code_embeds)
     assert torch.allclose(out.code_embeds, expected, atol=1e-6)
     out.code_embeds.sum().backward()
@@ -421,3 +421,20 @@ def test_code_head_embeds_the_mean_of_the_codes_and_trains_the_encoder():
         p.numel() for p in model.code_head.parameters())
     model.freeze_encoder()
     assert not any(p.requires_grad for p in model.code_head.parameters())
+
+
+def test_attention_code_pool_weights_patches_by_a_softmax_of_their_codes():
+    """code_pool=attention: the pooled codes are a convex combination of the patches' codes, with
+    weights softmax(score(code)); a patch's weight depends on its own code only."""
+    torch.manual_seed(0)
+    model = build_qlip(preset_config("tiny", {"text": None, "code_head": True, "code_pool": "attention"}))
+    quantized = model(pixels()).bsq.quantized.detach()  # (B, N, L)
+    head = model.code_head
+    weights = head.score(quantized).softmax(dim=1)  # (B, N, 1)
+    assert torch.allclose(weights.sum(dim=1), torch.ones(B, 1))
+    assert torch.allclose(head.pooled(quantized), (weights * quantized).sum(dim=1), atol=1e-6)
+    swapped = quantized.clone()
+    swapped[:, [0, 1]] = quantized[:, [1, 0]]  # the pool ignores the patches' order
+    assert torch.allclose(head.pooled(swapped), head.pooled(quantized), atol=1e-6)
+    with pytest.raises(ConfigError, match="code_pool"):
+        preset_config("tiny", {"code_pool": "max"}).validate()
