@@ -15,6 +15,8 @@ OUT=${OUT:-runs/gpu}
 TOKENIZER=${TOKENIZER:-.carry/export}
 TEXT_MODEL=${TEXT_MODEL:-.carry/text_tokenizer.model}
 WORK=${WORK:-/tmp/gpu_checks}
+# Session 19's run (36 px images, patch 12): DATA_CONFIG=configs/data/shapesworld_cell.yaml SKIP_MFU=1
+#   SWEEP_FILE=bench/tokenizer_sweep_cell.yaml SWEEP_DATA_OVERRIDES=image_size=36 UNIFIED_VARIANTS=muon_long,muon_onegroup_long
 # a CPU smoke run of this script: DEVICE=cpu MFU_PRESETS=tiny MFU_SEQ=64 UNIFIED_STEPS=4 EVAL_EVERY=2
 #   SWEEP_STEPS=2 SWEEP_ONLY=base_s0,hn8_s1 SWEEP_JOBS=2 bash bench/gpu_checks.sh
 DEVICE=${DEVICE:-cuda}
@@ -32,14 +34,14 @@ start=$(date +%s)
 stamp() { echo "--- $(( $(date +%s) - start )) s: $*"; }
 
 stamp "data generation (background, CPU)"
-python3 -m unified_mm.data.shapesworld_cli --config configs/data/shapesworld.yaml --out "$WORK/data" --overwrite \
+python3 -m unified_mm.data.shapesworld_cli --config "${DATA_CONFIG:-configs/data/shapesworld.yaml}" --out "$WORK/data" --overwrite \
   >"$WORK/data.log" 2>&1 &
 data_pid=$!
 
 stamp "1. unified-model training MFU (bf16 autocast, fp32 master weights, seq 2048 x batch 8)"
-timeout 150 python3 bench/bench_unified.py --device "$DEVICE" --presets "$MFU_PRESETS" --seq "$MFU_SEQ" --batch 8 \
+[ -n "${SKIP_MFU:-}" ] || timeout 150 python3 bench/bench_unified.py --device "$DEVICE" --presets "$MFU_PRESETS" --seq "$MFU_SEQ" --batch 8 \
   --steps 5 --warmup 2 --loss logits --out "$OUT/mfu_logits.json" 2>&1 | grep -v -i warning
-timeout 150 python3 bench/bench_unified.py --device "$DEVICE" --presets "$MFU_PRESETS${MFU_EXTRA-,base-100m}" \
+[ -n "${SKIP_MFU:-}" ] || timeout 150 python3 bench/bench_unified.py --device "$DEVICE" --presets "$MFU_PRESETS${MFU_EXTRA-,base-100m}" \
   --seq "$MFU_SEQ" --batch 8 --steps 5 --warmup 2 --loss hidden --out "$OUT/mfu_hidden.json" 2>&1 | grep -v -i warning
 
 stamp "2. codes"
@@ -54,8 +56,8 @@ timeout ${UNIFIED_TIMEOUT:-330} python3 bench/unified_budget.py --codes "$WORK/c
   --threads 1 --eval-every ${EVAL_EVERY:-1500} ${UNIFIED_STEPS:+--steps $UNIFIED_STEPS} --out "$WORK/unified" \
   >"$WORK/unified.log" 2>&1 &
 unified_pid=$!
-timeout ${SWEEP_TIMEOUT:-340} python3 bench/tokenizer_sweep.py --sweep bench/tokenizer_sweep_zs.yaml \
-  --data "$WORK/data" --text-tokenizer "$TEXT_MODEL" --out "$WORK/zs" --jobs ${SWEEP_JOBS:-8} --threads 1 \
+timeout ${SWEEP_TIMEOUT:-340} python3 bench/tokenizer_sweep.py --sweep "${SWEEP_FILE:-bench/tokenizer_sweep_zs.yaml}" \
+  --data "$WORK/data" ${SWEEP_DATA_OVERRIDES:+--data-overrides $SWEEP_DATA_OVERRIDES} --text-tokenizer "$TEXT_MODEL" --out "$WORK/zs" --jobs ${SWEEP_JOBS:-8} --threads 1 \
   --device "$DEVICE" --time-limit ${SWEEP_LIMIT:-320} ${SWEEP_STEPS:+--steps $SWEEP_STEPS} \
   ${SWEEP_ONLY:+--only $SWEEP_ONLY} 2>&1 | grep -v -i warning
 wait $unified_pid

@@ -201,6 +201,21 @@ VARIANTS = {
     # session 16: Muon on the decoder layers' matrices (AdamW for embeddings, head, norms)
     "muon_600": Variant("tiny", 600, 4e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True,
                         image_weight=0.25, pos2d=True, hidden_loss=True, muon=True),
+    # Session 19, codes of a tokenizer whose patch is a whole grid cell (36 px images, patch 12: 9
+    # patches, one object each): steps are ~2.4x cheaper, so equal wall time is ~2.4x the steps.
+    # Do the two 6-bit ids of a patch (an object's attributes split across an XOR-like pair) or
+    # one 12-bit id per patch (one embedding row per cell content) read better?
+    "muon_1000": Variant("tiny", 1000, 4e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True,
+                         image_weight=0.25, pos2d=True, hidden_loss=True, muon=True),
+    "muon_onegroup_1000": Variant("tiny", 1000, 4e-3, MULTI_QA_MIX, chat_turns=5, max_length=224,
+                                  bit_init=True, image_weight=0.25, pos2d=True, hidden_loss=True,
+                                  muon=True, one_group=True),
+    # the same two for up to 6,000 steps (the lent GPU: how far does each go with more steps?)
+    "muon_long": Variant("tiny", 6000, 4e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True,
+                         image_weight=0.25, pos2d=True, hidden_loss=True, muon=True),
+    "muon_onegroup_long": Variant("tiny", 6000, 4e-3, MULTI_QA_MIX, chat_turns=5, max_length=224,
+                                  bit_init=True, image_weight=0.25, pos2d=True, hidden_loss=True,
+                                  muon=True, one_group=True),
     "muon_lr2e-3_600": Variant("tiny", 600, 2e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True,
                                image_weight=0.25, pos2d=True, hidden_loss=True, muon=True),
     "muon_lr8e-3_600": Variant("tiny", 600, 8e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True,

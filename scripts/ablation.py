@@ -10,9 +10,12 @@ colour+shape accuracy, PSNR and judge accuracy on the val split) is written to
 ``<out>/ablation.md`` and ``<out>/ablation.json``. The claim to check: balanced keeps zero-shot
 within 2 points of align-only and PSNR within 1 dB of recon-only.
 
-    python scripts/ablation.py [--out runs/ablation] [--data runs/demo/data] [--seeds 0,1,2] [key=value ...]
+    python scripts/ablation.py [--out runs/ablation] [--data DIR] [--seeds 0,1,2] [key=value ...]
 
-It needs the demo's data and text tokenizer (``make demo`` makes them); extra ``key=value``
+Its data is 32 px ShapesWorld (``configs/data/shapesworld.yaml``, the geometry of
+``tiny_stage1.yaml`` and of the committed results; the demo has moved to 36 px cells), made with a
+text tokenizer under ``<out>/data`` on first use (~15 s) unless ``--data`` names a ShapesWorld dir
+with a ``text_tokenizer.model`` beside it; extra ``key=value``
 arguments go to every run (e.g. ``steps=100`` for a quick look). The runs use a fixed step
 count (``FIXED_BUDGET``, the demo config's wall-clock budget switched off): with a time budget
 the arms' lengths would depend on the machine's speed while each ran. A run whose
@@ -49,6 +52,7 @@ ARMS = {  # name -> loss-weight overrides
     "balanced": [],
 }
 BASE_CONFIG = "configs/tokenizer/tiny_stage1.yaml"
+DATA_CONFIG = "configs/data/shapesworld.yaml"  # 32 px, the image size BASE_CONFIG's preset reads
 COMMAND_FILE = "ablation_command.json"  # what a finished run was made with: the YAML's hash + overrides
 
 
@@ -149,19 +153,39 @@ def verdict(results: dict[str, dict[int, dict]]) -> str:
             f"({per_seed})")
 
 
+def ensure_data(data: Path | None, out: Path) -> Path:
+    """The ShapesWorld dir the arms train on: ``data`` as given (checked), else ``<out>/data``,
+    generated with its text tokenizer beside it when missing."""
+    if data is None:
+        data = out / "data"
+        if not (data / "manifest.json").is_file():
+            subprocess.run([sys.executable, "-m", "unified_mm.data.shapesworld_cli", "--config", DATA_CONFIG,
+                            "--out", str(data), "--overwrite"], cwd=ROOT, check=True)
+        if not (out / "text_tokenizer.model").is_file():
+            subprocess.run([sys.executable, "-m", "train.text_tokenizer", "--config", "configs/text_tokenizer.yaml",
+                            f"data={data}", f"out={out / 'text_tokenizer.model'}"], cwd=ROOT, check=True)
+    if not (data / "manifest.json").is_file() or not (data.parent / "text_tokenizer.model").is_file():
+        raise UserError(f"--data {data}: no ShapesWorld manifest.json in it, or no text_tokenizer.model beside it")
+    size = json.loads((data / "manifest.json").read_text()).get("image_size")
+    if size is not None and size != 32:
+        raise UserError(f"--data {data}: {size} px images, but {BASE_CONFIG} reads 32 px ones "
+                        f"(leave --data out to make 32 px data under --out)")
+    return data
+
+
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/ablation")
-    parser.add_argument("--data", default="runs/demo/data", help="ShapesWorld dir (text tokenizer next to it)")
+    parser.add_argument("--data", default=None, help="32 px ShapesWorld dir with text_tokenizer.model beside it "
+                        "(default: <out>/data, generated on first use)")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds; every arm runs each")
     parser.add_argument("--fresh", action="store_true", help="rerun finished runs instead of reusing them")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="passed to every run")
     args = parser.parse_args(argv)
     seeds = parse_seeds(args.seeds)
-    data, out = (ROOT / args.data).resolve(), (ROOT / args.out).resolve()
-    if not (data / "manifest.json").is_file() or not (data.parent / "text_tokenizer.model").is_file():
-        raise UserError(f"{data} with a text_tokenizer.model beside it not found; run `make demo` first")
+    out = (ROOT / args.out).resolve()
+    data = ensure_data((ROOT / args.data).resolve() if args.data else None, out)
     results: dict[str, dict[int, dict]] = {arm: {} for arm in ARMS}
     for seed in seeds:  # seed-major: a stopped ablation leaves whole seeds behind
         for arm in ARMS:

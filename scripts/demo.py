@@ -127,10 +127,15 @@ def eval_report(out: Path) -> str:
 
 
 UNIFIED_CONFIG = "configs/unified/tiny.yaml"  # relative to ROOT, as the command line shows it
-# Seconds the demo needs after the unified step's training budget runs out: its own start-up, final
-# held-out evaluation and export (30-35 s) and the evaluation step (50 s, 99 s in a slow phase of
-# this machine: demo 10 took 935 s with every step slower).
-UNIFIED_RESERVE_S = 135.0
+# 36 px images and a patch-12 tokenizer with code alignment: one grid cell, so at most one object,
+# per patch (9 patches, 18 image ids per image); the reasons and measurements are in the YAMLs.
+DATA_CONFIG = "configs/data/shapesworld_cell.yaml"
+STAGE1_CONFIG = "configs/tokenizer/tiny_stage1_cell.yaml"
+# Seconds the demo needs after the unified step's training budget runs out: its own final held-out
+# evaluation and export, and the evaluation step. With 18 image ids per image (the cell tokenizer,
+# session 19) demo 26 spent 8 s past the budget and 15 s evaluating (with 128, demos 10-23 needed
+# 30-35 s and 50-99 s, and kept 135 s); 60 s leaves room for a slow phase of this machine.
+UNIFIED_RESERVE_S = 60.0
 MIN_UNIFIED_BUDGET_S = 60.0
 
 
@@ -151,7 +156,7 @@ def config_time_budget(path: Path) -> float:
 STEPS = [
     Step("data", "generate ShapesWorld shards (train/val/test)",
          lambda out: [sys.executable, "-m", "unified_mm.data.shapesworld_cli",
-                      "--config", "configs/data/shapesworld.yaml", "--out", str(out / "data"), "--overwrite"],
+                      "--config", DATA_CONFIG, "--out", str(out / "data"), "--overwrite"],
          data_report),
     Step("text_tokenizer", "train the sentencepiece text tokenizer on the training text",
          lambda out: [sys.executable, "-m", "train.text_tokenizer", "--config", "configs/text_tokenizer.yaml",
@@ -162,7 +167,7 @@ STEPS = [
                                       f"out_dir={out / 'ds_smoke'}"),
          smoke_report),
     Step("tokenizer_stage1", "QLIP tokenizer stage 1 (MSE + CLIP + BSQ), Muon + AdamW, DeepSpeed ZeRO-0 on 2 CPU processes",
-         lambda out: torchrun_command("train/tokenizer.py", "--config", "configs/tokenizer/tiny_stage1.yaml",
+         lambda out: torchrun_command("train/tokenizer.py", "--config", STAGE1_CONFIG,
                                       f"data.data={out / 'data'}", f"data.text_tokenizer={out / 'text_tokenizer.model'}",
                                       f"out_dir={out / 'tokenizer_stage1'}", "resume=false"),
          tokenizer_report(1)),

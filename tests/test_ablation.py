@@ -80,5 +80,20 @@ def test_finished_run_is_reused_only_for_the_same_command(ablation, tmp_path):
 def test_missing_data_is_a_clear_error_and_writes_nothing(ablation, tmp_path, capsys):
     out = tmp_path / "out"
     assert ablation.main(["--data", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
-    assert "run `make demo` first" in capsys.readouterr().err
+    assert "no ShapesWorld manifest.json" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_data_must_be_32px_shapesworld_with_a_text_tokenizer(ablation, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    with pytest.raises(ablation.UserError, match="no ShapesWorld manifest.json"):
+        ablation.ensure_data(data, tmp_path / "out")
+    (data / "manifest.json").write_text(json.dumps({"image_size": 36}))
+    with pytest.raises(ablation.UserError, match="text_tokenizer.model"):
+        ablation.ensure_data(data, tmp_path / "out")
+    (tmp_path / "text_tokenizer.model").write_bytes(b"x")
+    with pytest.raises(ablation.UserError, match="36 px images"):  # the demo's cell data
+        ablation.ensure_data(data, tmp_path / "out")
+    (data / "manifest.json").write_text(json.dumps({"image_size": 32}))
+    assert ablation.ensure_data(data, tmp_path / "out") == data
