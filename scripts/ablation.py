@@ -153,17 +153,24 @@ def verdict(results: dict[str, dict[int, dict]]) -> str:
             f"({per_seed})")
 
 
+def run_tool(command: list[str]) -> None:
+    """One of the project's CLIs (its own output shows); a failure is a UserError naming it."""
+    result = subprocess.run(command, cwd=ROOT)
+    if result.returncode != 0:
+        raise UserError(f"making the ablation's data failed (exit {result.returncode}): {' '.join(command)}")
+
+
 def ensure_data(data: Path | None, out: Path) -> Path:
     """The ShapesWorld dir the arms train on: ``data`` as given (checked), else ``<out>/data``,
     generated with its text tokenizer beside it when missing."""
     if data is None:
         data = out / "data"
         if not (data / "manifest.json").is_file():
-            subprocess.run([sys.executable, "-m", "unified_mm.data.shapesworld_cli", "--config", DATA_CONFIG,
-                            "--out", str(data), "--overwrite"], cwd=ROOT, check=True)
+            run_tool([sys.executable, "-m", "unified_mm.data.shapesworld_cli", "--config", DATA_CONFIG,
+                      "--out", str(data), "--overwrite"])
         if not (out / "text_tokenizer.model").is_file():
-            subprocess.run([sys.executable, "-m", "train.text_tokenizer", "--config", "configs/text_tokenizer.yaml",
-                            f"data={data}", f"out={out / 'text_tokenizer.model'}"], cwd=ROOT, check=True)
+            run_tool([sys.executable, "-m", "train.text_tokenizer", "--config", "configs/text_tokenizer.yaml",
+                      f"data={data}", f"out={out / 'text_tokenizer.model'}"])
     if not (data / "manifest.json").is_file() or not (data.parent / "text_tokenizer.model").is_file():
         raise UserError(f"--data {data}: no ShapesWorld manifest.json in it, or no text_tokenizer.model beside it")
     size = json.loads((data / "manifest.json").read_text()).get("image_size")
