@@ -210,6 +210,11 @@ VARIANTS = {
     "muon_onegroup_1000": Variant("tiny", 1000, 4e-3, MULTI_QA_MIX, chat_turns=5, max_length=224,
                                   bit_init=True, image_weight=0.25, pos2d=True, hidden_loss=True,
                                   muon=True, one_group=True),
+    # with one object per patch, a user turn's text before its image lets each cell's id attend to
+    # the question ("am I the object it names?"); at patch 4 (session 9) this did not help
+    "muon_textfirst_1000": Variant("tiny", 1000, 4e-3, MULTI_QA_MIX, chat_turns=5, max_length=224,
+                                   bit_init=True, image_weight=0.25, pos2d=True, hidden_loss=True,
+                                   muon=True, text_first=True),
     # the same two for up to 6,000 steps (the lent GPU: how far does each go with more steps?)
     "muon_long": Variant("tiny", 6000, 4e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True,
                          image_weight=0.25, pos2d=True, hidden_loss=True, muon=True),
