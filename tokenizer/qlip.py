@@ -67,6 +67,8 @@ __all__ = [
 
 ImagePool = Literal["cls", "mean", "attention"]  # QLIPConfig.image_pool
 IMAGE_POOLS = get_args(ImagePool)
+CodePool = Literal["mean", "attention"]  # QLIPConfig.code_pool
+CODE_POOLS = get_args(CodePool)
 
 
 @dataclasses.dataclass
@@ -93,13 +95,14 @@ class QLIPConfig:
     # centre patch names its colour but its shape only 60% of the time, so shape must be pieced
     # together from several patches. Aligning the codes' mean asks the patches to carry what the
     # caption says. Measured (session 18): shape readable from the mean bits 47% -> 99.7%, better
-    # VQA on one-object images, worse on several; off in the demo (configs/tokenizer/tiny_stage1.yaml).
+    # VQA on one-object images, worse on several at patch 4 (configs/tokenizer/tiny_stage1.yaml); on
+    # in the demo, whose patches are whole grid cells (configs/tokenizer/tiny_stage1_cell.yaml).
     code_head: bool = False
     # How the code head pools an image's codes: "mean" (every patch counts alike, so the encoder
     # gains by writing the caption into every patch, background included: a background patch's
     # code then names the object's shape 67% of the time against 22%) or "attention" (a softmax
     # over patches of a score linear in each code, so a few patches can carry it).
-    code_pool: Literal["mean", "attention"] = "mean"
+    code_pool: CodePool = "mean"
 
     @property
     def bottleneck_width(self) -> int:
@@ -127,8 +130,9 @@ class QLIPConfig:
         if self.image_pool not in IMAGE_POOLS:
             raise ConfigError(f"QLIPConfig.image_pool must be one of {', '.join(IMAGE_POOLS)}, got "
                               f"{self.image_pool!r}")
-        if self.code_pool not in ("mean", "attention"):
-            raise ConfigError(f"QLIPConfig.code_pool must be 'mean' or 'attention', got {self.code_pool!r}")
+        if self.code_pool not in CODE_POOLS:
+            raise ConfigError(f"QLIPConfig.code_pool must be one of {', '.join(CODE_POOLS)}, got "
+                              f"{self.code_pool!r}")
         if not self.init_temperature > 0:
             raise ConfigError(f"QLIPConfig.init_temperature must be > 0, got "
                               f"{self.init_temperature}")

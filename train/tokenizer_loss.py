@@ -27,7 +27,8 @@ def stage1_loss_terms(model: QLIP, out: QLIPOutput, pixels: torch.Tensor, labels
     loss); ``labels`` are the batch's positive labels (equal labels = mutual positives, so
     duplicate captions are not negatives). The CLIP loss runs over the global batch when a process
     group exists (a collective then). Terms: recon, quantizer, psnr_db, code_entropy_bits,
-    codebook_entropy, per_sample_entropy and, with text, align, i2t_acc, t2i_acc; the caller adds
+    codebook_entropy, per_sample_entropy and, with text, align, i2t_acc, t2i_acc (and code_align,
+    code_i2t_acc with ``weights.code_align``); the caller adds
     ``total``. ``negative_labels`` (hard negatives, :mod:`unified_mm.data.hard_negatives`): the
     forward's text rows beyond the batch's images are captions without an image, scored as extra
     negatives for every image (positives where their label matches); every rank must pass them or
@@ -51,19 +52,19 @@ def stage1_loss_terms(model: QLIP, out: QLIPOutput, pixels: torch.Tensor, labels
         elif negative_embeds.shape[0]:
             raise ValueError(f"{negative_embeds.shape[0]} text rows beyond the batch's {batch} images "
                              f"but no negative_labels")
-        clip = clip_loss(out.image_embeds, text_embeds, model.logit_scale, positives,
-                         max_logit_scale=model.config.max_logit_scale, rescale_local_grad=True,
-                         negative_embeds=negative_embeds if negative_labels is not None else None,
-                         negative_positives=negative_positives)
+        def contrast(embeds: torch.Tensor):  # [CLS] and the codes: the same texts, negatives, scale
+            return clip_loss(embeds, text_embeds, model.logit_scale, positives,
+                             max_logit_scale=model.config.max_logit_scale, rescale_local_grad=True,
+                             negative_embeds=negative_embeds if negative_labels is not None else None,
+                             negative_positives=negative_positives)
+
+        clip = contrast(out.image_embeds)
         total = total + weights.align * clip.loss
         terms.update(align=clip.loss, i2t_acc=clip.image_to_text_acc, t2i_acc=clip.text_to_image_acc)
         if weights.code_align > 0:
             if out.code_embeds is None:
                 raise ValueError("weights.code_align > 0 needs a model with a code head (model.code_head: true)")
-            codes = clip_loss(out.code_embeds, text_embeds, model.logit_scale, positives,
-                              max_logit_scale=model.config.max_logit_scale, rescale_local_grad=True,
-                              negative_embeds=negative_embeds if negative_labels is not None else None,
-                              negative_positives=negative_positives)
+            codes = contrast(out.code_embeds)
             total = total + weights.code_align * codes.loss
             terms.update(code_align=codes.loss, code_i2t_acc=codes.image_to_text_acc)
     return total, terms
