@@ -262,11 +262,12 @@ def run_variant(name: str, args) -> dict:
     torch.manual_seed(args.seed)
     model_cfg = UnifiedModelConfig(preset=preset, image_embedding_init="bits" if variant.bit_init else "default",
                                    image_embedding_random=variant.bit_random,
-                                   image_positions=variant.pos2d, overrides=dict(variant.overrides))
+                                   image_positions=variant.pos2d, overrides=dict(variant.overrides),
+                                   attention_init_scale=variant.qk_init_scale or 1.0)
     model = build_model(model_cfg, vocab).to(device)
     # as the trainer (train/optim.py): matrices decay, norms and other 1-D weights do not (runs
     # before 2026-11-29 decayed every weight)
-    optimizer = build_optimizer(model, OptimConfig(lr=lr, weight_decay=0.1, betas=(0.9, 0.95),
+    optimizer = build_optimizer(model, OptimConfig(lr=lr, weight_decay=variant.weight_decay, betas=(0.9, 0.95),
                                                    name="muon" if variant.muon else "adamw",
                                                    muon_params=("model.layers.*",) if variant.muon else ()))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(50, steps, 0.1))
@@ -320,7 +321,8 @@ def run_variant(name: str, args) -> dict:
             "qa_rounds": variant.qa_rounds, "hidden_loss": variant.hidden_loss, "qa_types": list(variant.qa_types),
             "text_first": variant.text_first, "single_object_steps": variant.single_object_steps,
             "muon": variant.muon, "question_labels": variant.question_labels,
-            "yesno_scaffold": variant.yesno_scaffold, "bit_random": variant.bit_random,
+            "yesno_scaffold": variant.yesno_scaffold, "bit_random": variant.bit_random, "weight_decay": variant.weight_decay,
+            "qk_init_scale": variant.qk_init_scale,
             "seconds": round(time.perf_counter() - start, 1), **final, "curve": curve}
 
 

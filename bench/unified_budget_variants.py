@@ -59,6 +59,11 @@ class Variant(NamedTuple):
     # with bit_init: share of each image row's variance kept from its random init
     # (UnifiedModelConfig.image_embedding_random): a direction per id, for shapes
     bit_random: float = 0.0
+    # decoupled weight decay of the matrices (the trainer's optim.weight_decay)
+    weight_decay: float = 0.1
+    # > 0: the query and key projections start this many times larger (sharper attention from
+    # the first step: does the named lookup need larger attention logits to get going?)
+    qk_init_scale: float = 0.0
 
 
 VARIANTS = {
@@ -221,6 +226,45 @@ VARIANTS = {
     "muon_onegroup_long": Variant("tiny", 6000, 4e-3, MULTI_QA_MIX, chat_turns=5, max_length=224,
                                   bit_init=True, image_weight=0.25, pos2d=True, hidden_loss=True,
                                   muon=True, one_group=True),
+    # session 20: the cell codes' sequences are ~110 ids, so a step is mostly overhead at hidden
+    # 128; do a wider, deeper or more-headed decoder learn the named lookups in fewer steps, and
+    # does that pay at equal wall time?
+    "muon_w256_1000": Variant("tiny", 1000, 4e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True,
+                              image_weight=0.25, pos2d=True, hidden_loss=True, muon=True,
+                              overrides={"hidden_size": 256, "intermediate_size": 1024,
+                                         "num_attention_heads": 8, "num_key_value_heads": 8}),
+    "muon_w192_1000": Variant("tiny", 1000, 4e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True,
+                              image_weight=0.25, pos2d=True, hidden_loss=True, muon=True,
+                              overrides={"hidden_size": 192, "intermediate_size": 768,
+                                         "num_attention_heads": 6, "num_key_value_heads": 6}),
+    "muon_d6_1000": Variant("tiny", 1000, 4e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True,
+                            image_weight=0.25, pos2d=True, hidden_loss=True, muon=True,
+                            overrides={"num_hidden_layers": 6}),
+    "muon_h8_1000": Variant("tiny", 1000, 4e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True,
+                            image_weight=0.25, pos2d=True, hidden_loss=True, muon=True,
+                            overrides={"num_attention_heads": 8, "num_key_value_heads": 8}),
+    # is the named lookup learnable at all by this decoder when it is the only task? (colour
+    # questions alone, one per image: most name one object among several)
+    "colour_only_muon_1000": Variant("tiny", 1000, 4e-3, {"vqa": 1.0}, chat_turns=5, max_length=224, bit_init=True,
+                                     image_weight=0.25, pos2d=True, hidden_loss=True, muon=True,
+                                     qa_types=("colour",)),
+    "colour_only_adamw_1000": Variant("tiny", 1000, 2e-3, {"vqa": 1.0}, chat_turns=5, max_length=224, bit_init=True,
+                                      image_weight=0.25, pos2d=True, hidden_loss=True, qa_types=("colour",)),
+    "colour_only_muon_wd0_1000": Variant("tiny", 1000, 4e-3, {"vqa": 1.0}, chat_turns=5, max_length=224,
+                                         bit_init=True, image_weight=0.25, pos2d=True, hidden_loss=True, muon=True,
+                                         qa_types=("colour",), weight_decay=0.0),
+    "colour_only_muon_3000": Variant("tiny", 3000, 4e-3, {"vqa": 1.0}, chat_turns=5, max_length=224, bit_init=True,
+                                     image_weight=0.25, pos2d=True, hidden_loss=True, muon=True,
+                                     qa_types=("colour",)),
+    "colour_only_muon_qk4_1000": Variant("tiny", 1000, 4e-3, {"vqa": 1.0}, chat_turns=5, max_length=224,
+                                         bit_init=True, image_weight=0.25, pos2d=True, hidden_loss=True, muon=True,
+                                         qa_types=("colour",), qk_init_scale=4.0),
+    "muon_qk4_1000": Variant("tiny", 1000, 4e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True,
+                             image_weight=0.25, pos2d=True, hidden_loss=True, muon=True, qk_init_scale=4.0),
+    "muon_qk8_1000": Variant("tiny", 1000, 4e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True,
+                             image_weight=0.25, pos2d=True, hidden_loss=True, muon=True, qk_init_scale=8.0),
+    "muon_qk2_1000": Variant("tiny", 1000, 4e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True,
+                             image_weight=0.25, pos2d=True, hidden_loss=True, muon=True, qk_init_scale=2.0),
     "muon_lr2e-3_600": Variant("tiny", 600, 2e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True,
                                image_weight=0.25, pos2d=True, hidden_loss=True, muon=True),
     "muon_lr8e-3_600": Variant("tiny", 600, 8e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True,

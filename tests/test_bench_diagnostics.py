@@ -82,3 +82,59 @@ def test_yesno_scaffold_opens_chats_with_a_colour_question_then_a_true_yes_no(to
         assert ("?yes" in text) == (asked == colour) and ("?no" in text) != (asked == colour)
         assert text.endswith("How many objects are there?2")
     assert 5 < sum(match for match, _ in answers.values()) < 35  # about half the scaffolds say yes
+
+
+lookup = load_script("bench/lookup_probe.py", "lookup_probe")
+
+
+def test_lookup_targets_only_answers_held_by_one_object_of_several():
+    objects = [{"colour": "red", "shape": "circle", "cell": [0, 0]},
+               {"colour": "red", "shape": "square", "cell": [1, 2]},
+               {"colour": "blue", "shape": "circle", "cell": [2, 1]}]
+    qa = [{"type": "colour", "question": "What colour is the square?", "answer": "red"},  # red: two objects
+          {"type": "colour", "question": "What colour is the object at the bottom?", "answer": "blue"},
+          {"type": "shape", "question": "What shape is the object on the right?", "answer": "square"},
+          {"type": "count", "question": "How many objects are there?", "answer": "3"}]
+    rows = lookup.target_questions({"objects": objects, "qa": qa})
+    assert [(r["answer"], r["target"]) for r in rows] == [("blue", (2, 1)), ("square", (1, 2))]
+    assert rows[0]["others"] == [(0, 0), (1, 2)]
+    assert lookup.target_questions({"objects": objects[:1], "qa": qa}) == []  # one object: nothing to find
+
+
+def test_lookup_patch_columns_are_row_major_with_every_id_of_the_patch():
+    columns = list(range(10, 28))  # 9 patches x 2 ids
+    assert lookup.patch_columns(columns, (0, 0), 2) == [10, 11]
+    assert lookup.patch_columns(columns, (1, 2), 2) == [20, 21]  # patch 5
+    assert lookup.patch_columns(columns, (2, 2), 2) == [26, 27]
+
+
+def test_lookup_probe_refuses_codes_without_one_cell_per_patch(tmp_path):
+    import json
+
+    import pytest
+
+    from mmcore.errors import UserError
+    from unified_mm.tokenizer_cli import PRECOMPUTED_FORMAT
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": PRECOMPUTED_FORMAT, "grid_size": 8}))
+    with pytest.raises(UserError, match="grid_size 8"):
+        lookup.probe(None, str(tmp_path), "val", 10)
+
+
+def test_lookup_head_weights_are_each_heads_attention_distribution():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                         num_key_value_heads=2, intermediate_size=32, max_position_embeddings=64))
+    model.config._attn_implementation = "eager"
+    weights = lookup.head_weights(model, [1, 5, 7, 9, 3])
+    assert weights.shape == (2, 2, 5)
+    assert torch.allclose(weights.sum(-1), torch.ones(2, 2), atol=1e-5) and bool((weights >= 0).all())
+
+
+def test_lookup_cell_labels_name_each_patch_occupant_in_row_major_order():
+    meta = {"objects": [{"colour": "red", "shape": "circle", "size": "small", "cell": [1, 2]}]}
+    codes = np.arange(18).reshape(9, 2)
+    rows = list(lookup.cell_labels(codes, meta))
+    assert len(rows) == 9 and rows[5][0] == (10, 11) and rows[5][2] == 1
+    assert rows[5][1] == {"occupied": True, "colour": "red", "shape": "circle", "size": "small"}
+    assert [r[1]["occupied"] for r in rows].count(True) == 1 and rows[0][1]["colour"] is None

@@ -228,6 +228,25 @@ def test_bit_init_with_random_share_mixes_the_default_rows():
             UnifiedModelConfig(**bad).validate()
 
 
+def test_attention_init_scale_multiplies_only_query_and_key_weights():
+    """attention_init_scale=s: every layer's q_proj/k_proj start s times the default draw; the
+    rest of the model (values, outputs, MLPs, embeddings) is the same draw unchanged."""
+    weights = {}
+    for scale in (1.0, 4.0):
+        torch.manual_seed(0)
+        weights[scale] = build_model(UnifiedModelConfig(overrides=SMALL, image_embedding_init="bits",
+                                                        attention_init_scale=scale), SHAPES).state_dict()
+    scaled = [k for k in weights[1.0] if k.endswith(("q_proj.weight", "k_proj.weight"))]
+    assert len(scaled) == 2 * SMALL["num_hidden_layers"]
+    for key, plain in weights[1.0].items():
+        expected = plain * 4.0 if key in scaled else plain
+        assert torch.equal(weights[4.0][key], expected), key
+    for bad, match in (({"attention_init_scale": 0.0}, "must be > 0"),
+                       ({"attention_init_scale": 2.0, "pretrained": "some/dir"}, "corrupt the pretrained")):
+        with pytest.raises(ConfigError, match=match):
+            UnifiedModelConfig(**bad).validate()
+
+
 def test_code_bits_are_msb_first():
     bits = SHAPES.code_bits(torch.tensor([0, 1, 32, 63]))
     assert bits.int().tolist() == [[0] * 6, [0, 0, 0, 0, 0, 1], [1, 0, 0, 0, 0, 0], [1] * 6]

@@ -46,7 +46,7 @@ from unified_mm.vocab import Vocab
 
 __all__ = [
     "UnifiedModelConfig", "PRESETS", "ATTENTION_CHOICES", "build_model", "preset_llama_config",
-    "count_parameters", "resolve_attention", "special_token_ids",
+    "count_parameters", "resolve_attention", "special_token_ids", "scale_query_key_init",
 ]
 
 # ---------------------------------------------------------------------------------------------
@@ -113,8 +113,19 @@ class UnifiedModelConfig:
     # Bits per image id (unified_mm/vocab.py): 0 = the tokenizer's group size (tiny: 2 ids of
     # 6 bits per patch); the tokenizer's num_bits = one id per patch (tiny: 1 of 4,096).
     image_group_size: int = 0
+    # Query and key projections of every layer start this many times the preset's init (fresh
+    # models only). An attention logit is bilinear in W_q and W_k, so how fast a step moves it
+    # grows with the other's size; from the default N(0, 0.02) the decoder learned to tell the
+    # object a question names from the others very slowly (session 20, bench/lookup_probe.py).
+    # Only the start differs; loading ignores it.
+    attention_init_scale: float = 1.0
 
     def validate(self) -> None:
+        if not self.attention_init_scale > 0:
+            raise ConfigError(f"model.attention_init_scale must be > 0, got {self.attention_init_scale}")
+        if self.attention_init_scale != 1.0 and self.pretrained is not None:
+            raise ConfigError("model.attention_init_scale rescales a fresh model's query/key weights; "
+                              f"it would corrupt the pretrained weights of {self.pretrained} (set it to 1)")
         if self.image_group_size < 0:
             raise ConfigError(f"model.image_group_size must be >= 0 (0: the tokenizer's), got {self.image_group_size}")
         if self.preset not in PRESETS:
@@ -250,6 +261,8 @@ def build_model(cfg: UnifiedModelConfig, vocab: Vocab, text_pieces: int | None =
     else:
         model = _load_pretrained(Path(cfg.pretrained), cfg.overrides, n_text, attn)
         extend_vocabulary(model, vocab)
+    if cfg.attention_init_scale != 1.0:
+        scale_query_key_init(model, cfg.attention_init_scale)
     if cfg.image_embedding_init == "bits":
         init_image_rows_from_bits(model, vocab, random_share=cfg.image_embedding_random)
     if cfg.image_positions:
@@ -257,6 +270,15 @@ def build_model(cfg: UnifiedModelConfig, vocab: Vocab, text_pieces: int | None =
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model.train()
+
+
+@torch.no_grad()
+def scale_query_key_init(model: LlamaForCausalLM, scale: float) -> None:
+    """Multiply every layer's query and key projection weights by ``scale`` (see
+    ``UnifiedModelConfig.attention_init_scale``)."""
+    for layer in model.model.layers:
+        layer.self_attn.q_proj.weight.mul_(scale)
+        layer.self_attn.k_proj.weight.mul_(scale)
 
 
 def _read_pretrained_config(path: Path, overrides: dict) -> LlamaConfig:
