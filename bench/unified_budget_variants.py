@@ -259,6 +259,8 @@ VARIANTS = {
     "colour_only_muon_qk4_1000": Variant("tiny", 1000, 4e-3, {"vqa": 1.0}, chat_turns=5, max_length=224,
                                          bit_init=True, image_weight=0.25, pos2d=True, hidden_loss=True, muon=True,
                                          qa_types=("colour",), qk_init_scale=4.0),
+    # query/key weights start 2, 4 or 8 times larger (UnifiedModelConfig.attention_init_scale):
+    # does the named lookup start sooner when attention logits respond faster?
     "muon_qk4_1000": Variant("tiny", 1000, 4e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True,
                              image_weight=0.25, pos2d=True, hidden_loss=True, muon=True, qk_init_scale=4.0),
     "muon_qk8_1000": Variant("tiny", 1000, 4e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True,

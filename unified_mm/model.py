@@ -117,7 +117,8 @@ class UnifiedModelConfig:
     # models only). An attention logit is bilinear in W_q and W_k, so how fast a step moves it
     # grows with the other's size; from the default N(0, 0.02) the decoder learned to tell the
     # object a question names from the others very slowly (session 20, bench/lookup_probe.py).
-    # Only the start differs; loading ignores it.
+    # 4 helped a 1,000-step bench (+2.8 VQA points over 2 seeds) but not the demo's budget
+    # (configs/unified/tiny.yaml keeps 1). Only the start differs; loading ignores it.
     attention_init_scale: float = 1.0
 
     def validate(self) -> None:
