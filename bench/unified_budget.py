@@ -157,14 +157,16 @@ def use_single_object_start(stream: MixedTaskStream, steps: int, current_step: l
     stream._draw_sample = one_object_draw
 
 
-def use_qa_types(types: tuple) -> None:
-    """Replace the stream's QA reader with one that keeps only questions of ``types``."""
+def use_qa_types(types: tuple, prefix: str = "") -> None:
+    """Replace the stream's QA reader with one that keeps only questions of ``types`` (and, with
+    ``prefix``, only those starting with it)."""
     from unified_mm.data import mixture
 
     read_pairs = mixture._qa_pairs
 
     def qa_pairs(meta: dict) -> list[tuple[str, str]]:
-        kept = [qa for qa in meta.get("qa", []) if isinstance(qa, dict) and qa.get("type") in types]
+        kept = [qa for qa in meta.get("qa", []) if isinstance(qa, dict) and qa.get("type") in types
+                and str(qa.get("question", "")).startswith(prefix)]
         return read_pairs({**meta, "qa": kept})
 
     mixture._qa_pairs = qa_pairs
@@ -173,7 +175,9 @@ def use_qa_types(types: tuple) -> None:
 def vqa_accuracy(model, builder: SequenceBuilder, codes: str, tok_hash: str, device, n: int = 500) -> dict:
     """Teacher-forced exact match (== greedy exact match) on the val split: overall, per question
     type, per yes/no template ("yesno_<template>") and for questions naming one object, by
-    objects in the image ("named_1obj" / "named_multi")."""
+    objects in the image ("named_1obj" / "named_multi"; colour and shape questions about one of
+    several also by how they name it: "named_multi_place" / "named_multi_attribute", and the same
+    per type, e.g. "colour_multi_place")."""
     rows = []  # (sequence, the groups its hit counts towards)
     for index, (_, image_codes, meta) in enumerate(read_precomputed(codes, "val", tok_hash, split_by_rank=False)):
         pair = random.Random(f"vqa/0/{index}").choice(meta["qa"])
@@ -182,6 +186,9 @@ def vqa_accuracy(model, builder: SequenceBuilder, codes: str, tok_hash: str, dev
             groups.append(f"yesno_{yesno_template(pair['question'])}")
         if binding := binding_group(pair["type"], meta):
             groups += [f"named_{binding}", f"{pair['type']}_{binding}"]
+            if binding == "multi" and pair["type"] != "position":  # named by place, or by attributes
+                how = "place" if "the object " in pair["question"] else "attribute"
+                groups += [f"named_multi_{how}", f"{pair['type']}_multi_{how}"]
         rows.append((builder.understanding(image_codes, pair["question"], str(pair["answer"])), groups))
         if len(rows) == n:
             break
@@ -234,7 +241,7 @@ def run_variant(name: str, args) -> dict:
     if variant.qa_rounds:
         use_qa_rounds(variant.qa_rounds)
     if variant.qa_types:
-        use_qa_types(variant.qa_types)
+        use_qa_types(variant.qa_types, variant.question_prefix)
     if variant.yesno_scaffold:
         use_yesno_scaffold(variant.yesno_scaffold)
     text = TextTokenizer(Path(args.tokenizer) / "text_tokenizer.model")
@@ -322,7 +329,7 @@ def run_variant(name: str, args) -> dict:
             "text_first": variant.text_first, "single_object_steps": variant.single_object_steps,
             "muon": variant.muon, "question_labels": variant.question_labels,
             "yesno_scaffold": variant.yesno_scaffold, "bit_random": variant.bit_random, "weight_decay": variant.weight_decay,
-            "qk_init_scale": variant.qk_init_scale,
+            "qk_init_scale": variant.qk_init_scale, "question_prefix": variant.question_prefix,
             "seconds": round(time.perf_counter() - start, 1), **final, "curve": curve}
 
 

@@ -64,6 +64,9 @@ class Variant(NamedTuple):
     # > 0: the query and key projections start this many times larger (sharper attention from
     # the first step: does the named lookup need larger attention logits to get going?)
     qk_init_scale: float = 0.0
+    # non-empty: of the questions kept by qa_types, only those starting with this text (e.g.
+    # "What colour is the object " = colour questions naming the object by its place)
+    question_prefix: str = ""
 
 
 VARIANTS = {
@@ -259,6 +262,18 @@ VARIANTS = {
     "colour_only_muon_qk4_1000": Variant("tiny", 1000, 4e-3, {"vqa": 1.0}, chat_turns=5, max_length=224,
                                          bit_init=True, image_weight=0.25, pos2d=True, hidden_loss=True, muon=True,
                                          qa_types=("colour",), qk_init_scale=4.0),
+    # the lookup by place alone: every image id carries its row and column embedding, so the
+    # key is there from the first step; is this one learned?
+    "colour_place_only_muon_1000": Variant("tiny", 1000, 4e-3, {"vqa": 1.0}, chat_turns=5, max_length=224,
+                                           bit_init=True, image_weight=0.25, pos2d=True, hidden_loss=True,
+                                           muon=True, qa_types=("colour",), question_prefix="What colour is the object "),
+    "colour_place_only_muon_qk4_1000": Variant("tiny", 1000, 4e-3, {"vqa": 1.0}, chat_turns=5, max_length=224,
+                                               bit_init=True, image_weight=0.25, pos2d=True, hidden_loss=True,
+                                               muon=True, qa_types=("colour",),
+                                               question_prefix="What colour is the object ", qk_init_scale=4.0),
+    "colour_place_only_muon_3000": Variant("tiny", 3000, 4e-3, {"vqa": 1.0}, chat_turns=5, max_length=224,
+                                           bit_init=True, image_weight=0.25, pos2d=True, hidden_loss=True,
+                                           muon=True, qa_types=("colour",), question_prefix="What colour is the object "),
     # query/key weights start 2, 4 or 8 times larger (UnifiedModelConfig.attention_init_scale):
     # does the named lookup start sooner when attention logits respond faster?
     "muon_qk4_1000": Variant("tiny", 1000, 4e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True,

@@ -138,3 +138,13 @@ def test_lookup_cell_labels_name_each_patch_occupant_in_row_major_order():
     assert len(rows) == 9 and rows[5][0] == (10, 11) and rows[5][2] == 1
     assert rows[5][1] == {"occupied": True, "colour": "red", "shape": "circle", "size": "small"}
     assert [r[1]["occupied"] for r in rows].count(True) == 1 and rows[0][1]["colour"] is None
+
+
+def test_bench_qa_filter_keeps_types_and_question_prefix(monkeypatch):
+    from unified_mm.data import mixture
+    monkeypatch.setattr(mixture, "_qa_pairs", mixture._qa_pairs)  # restored after the test
+    budget.use_qa_types(("colour",), "What colour is the object ")
+    meta = {"qa": [{"type": "colour", "question": "What colour is the object on the left?", "answer": "red"},
+                   {"type": "colour", "question": "What colour is the square?", "answer": "blue"},
+                   {"type": "shape", "question": "What shape is the object on the left?", "answer": "circle"}]}
+    assert mixture._qa_pairs(meta) == [("What colour is the object on the left?", "red")]
