@@ -240,6 +240,8 @@ def run_variant(name: str, args) -> dict:
     device = torch.device(args.device)
     if variant.qa_rounds:
         use_qa_rounds(variant.qa_rounds)
+    if variant.question_prefix and not variant.qa_types:
+        raise SystemExit(f"{name}: question_prefix filters the questions of qa_types; set qa_types too")
     if variant.qa_types:
         use_qa_types(variant.qa_types, variant.question_prefix)
     if variant.yesno_scaffold:
