@@ -274,6 +274,12 @@ VARIANTS = {
     "colour_place_only_muon_3000": Variant("tiny", 3000, 4e-3, {"vqa": 1.0}, chat_turns=5, max_length=224,
                                            bit_init=True, image_weight=0.25, pos2d=True, hidden_loss=True,
                                            muon=True, qa_types=("colour",), question_prefix="What colour is the object "),
+    # one 12-bit id per patch: a key can name the patch's shape and size from its own position
+    # (with two 6-bit ids a layer must merge them first); with the 4x start, are lookups by
+    # attributes then learned like the lookup by place?
+    "colour_only_onegroup_qk4_1000": Variant("tiny", 1000, 4e-3, {"vqa": 1.0}, chat_turns=5, max_length=224,
+                                             bit_init=True, image_weight=0.25, pos2d=True, hidden_loss=True,
+                                             muon=True, qa_types=("colour",), one_group=True, qk_init_scale=4.0),
     # query/key weights start 2, 4 or 8 times larger (UnifiedModelConfig.attention_init_scale):
     # does the named lookup start sooner when attention logits respond faster?
     "muon_qk4_1000": Variant("tiny", 1000, 4e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True,
