@@ -87,7 +87,7 @@ def probe(loaded, codes_dir: str, split: str, images: int) -> dict:
     model.config._attn_implementation = "eager"  # SDPA returns no weights
     builder = SequenceBuilder(tok, vocab, max_length=model.config.max_position_embeddings)
     ids_per_patch = vocab.tokens_per_image // vocab.num_patches
-    target_sum, other_sum, image_sum, n = None, None, None, 0
+    targets, others, image_shares = [], [], []  # per question: (layers, heads) attention sums
     for index, (_, codes, meta) in enumerate(read_precomputed(codes_dir, split, None, split_by_rank=False)):
         if index >= images:
             break
@@ -95,26 +95,23 @@ def probe(loaded, codes_dir: str, split: str, images: int) -> dict:
             prompt = builder.chat_prompt([Turn("user", row["question"], torch.as_tensor(codes))])
             image_columns = [j for j, t in enumerate(prompt) if vocab.image_start <= t]
             weights = head_weights(model, prompt)  # (L, H, T)
-            target = weights[..., patch_columns(image_columns, row["target"], ids_per_patch)].sum(-1)
-            other = torch.stack([weights[..., patch_columns(image_columns, c, ids_per_patch)].sum(-1)
-                                 for c in row["others"]]).mean(0)
-            image = weights[..., image_columns].sum(-1)
-            target_sum = target if target_sum is None else target_sum + target
-            other_sum = other if other_sum is None else other_sum + other
-            image_sum = image if image_sum is None else image_sum + image
-            n += 1
-    if n == 0:
+            targets.append(weights[..., patch_columns(image_columns, row["target"], ids_per_patch)].sum(-1))
+            others.append(torch.stack([weights[..., patch_columns(image_columns, c, ids_per_patch)].sum(-1)
+                                       for c in row["others"]]).mean(0))
+            image_shares.append(weights[..., image_columns].sum(-1))
+    if not targets:
         raise UserError(f"{codes_dir} ({split}): no colour/shape question about one of several objects "
                         f"in the first {images} images")
+    target, other, image = (torch.stack(v).mean(0) for v in (targets, others, image_shares))  # (L, H) each
     heads = []
-    for layer in range(target_sum.shape[0]):
-        for head in range(target_sum.shape[1]):
-            t, o = float(target_sum[layer, head] / n), float(other_sum[layer, head] / n)
+    for layer in range(target.shape[0]):
+        for head in range(target.shape[1]):
+            t, o = float(target[layer, head]), float(other[layer, head])
             heads.append({"layer": layer, "head": head, "target": round(t, 4), "other_object": round(o, 4),
-                          "image": round(float(image_sum[layer, head] / n), 4),
+                          "image": round(float(image[layer, head]), 4),
                           "target_over_other": round(t / o, 3) if o > 0 else None})
     ratios = [h["target_over_other"] for h in heads if h["target_over_other"] is not None]
-    return {"questions": n, "images": images, "split": split, "heads": heads,
+    return {"questions": len(targets), "images": images, "split": split, "heads": heads,
             "best_target_over_other": max(ratios) if ratios else None}
 
 

@@ -13,6 +13,13 @@ DEMO_MIX = {"vqa": 6.0, "caption": 1.0, "chat": 1.0, "t2i": 4.0, "text": 0.5}
 # questions into one conversation): ~5 supervised answers per image for ~1.3x the tokens.
 MULTI_QA_MIX = {"vqa": 1.0, "caption": 1.0, "chat": 6.0, "t2i": 4.0, "text": 0.5}
 
+# The demo's recipe since session 18 (configs/unified/tiny.yaml): 5-question chats, image-id rows
+# from their bits, image targets at weight 0.25, row/column embeddings, logits at labelled
+# positions only, Muon on the decoder's matrices. Rows from session 19 on start from it.
+MUON_RECIPE = dict(chat_turns=5, max_length=224, bit_init=True, image_weight=0.25, pos2d=True, hidden_loss=True,
+                   muon=True)
+PLACE_COLOUR_QUESTION = "What colour is the object "  # ShapesWorld's colour questions naming a place
+
 
 class Variant(NamedTuple):
     preset: str
@@ -213,81 +220,54 @@ VARIANTS = {
     # patches, one object each): steps are ~2.4x cheaper, so equal wall time is ~2.4x the steps.
     # Do the two 6-bit ids of a patch (an object's attributes split across an XOR-like pair) or
     # one 12-bit id per patch (one embedding row per cell content) read better?
-    "muon_1000": Variant("tiny", 1000, 4e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True,
-                         image_weight=0.25, pos2d=True, hidden_loss=True, muon=True),
-    "muon_onegroup_1000": Variant("tiny", 1000, 4e-3, MULTI_QA_MIX, chat_turns=5, max_length=224,
-                                  bit_init=True, image_weight=0.25, pos2d=True, hidden_loss=True,
-                                  muon=True, one_group=True),
+    "muon_1000": Variant("tiny", 1000, 4e-3, MULTI_QA_MIX, **MUON_RECIPE),
+    "muon_onegroup_1000": Variant("tiny", 1000, 4e-3, MULTI_QA_MIX, **MUON_RECIPE, one_group=True),
     # with one object per patch, a user turn's text before its image lets each cell's id attend to
     # the question ("am I the object it names?"); at patch 4 (session 9) this did not help
-    "muon_textfirst_1000": Variant("tiny", 1000, 4e-3, MULTI_QA_MIX, chat_turns=5, max_length=224,
-                                   bit_init=True, image_weight=0.25, pos2d=True, hidden_loss=True,
-                                   muon=True, text_first=True),
+    "muon_textfirst_1000": Variant("tiny", 1000, 4e-3, MULTI_QA_MIX, **MUON_RECIPE, text_first=True),
     # the same two for up to 6,000 steps (the lent GPU: how far does each go with more steps?)
-    "muon_long": Variant("tiny", 6000, 4e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True,
-                         image_weight=0.25, pos2d=True, hidden_loss=True, muon=True),
-    "muon_onegroup_long": Variant("tiny", 6000, 4e-3, MULTI_QA_MIX, chat_turns=5, max_length=224,
-                                  bit_init=True, image_weight=0.25, pos2d=True, hidden_loss=True,
-                                  muon=True, one_group=True),
+    "muon_long": Variant("tiny", 6000, 4e-3, MULTI_QA_MIX, **MUON_RECIPE),
+    "muon_onegroup_long": Variant("tiny", 6000, 4e-3, MULTI_QA_MIX, **MUON_RECIPE, one_group=True),
     # session 20: the cell codes' sequences are ~110 ids, so a step is mostly overhead at hidden
     # 128; do a wider, deeper or more-headed decoder learn the named lookups in fewer steps, and
     # does that pay at equal wall time?
-    "muon_w256_1000": Variant("tiny", 1000, 4e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True,
-                              image_weight=0.25, pos2d=True, hidden_loss=True, muon=True,
+    "muon_w256_1000": Variant("tiny", 1000, 4e-3, MULTI_QA_MIX, **MUON_RECIPE,
                               overrides={"hidden_size": 256, "intermediate_size": 1024,
                                          "num_attention_heads": 8, "num_key_value_heads": 8}),
-    "muon_w192_1000": Variant("tiny", 1000, 4e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True,
-                              image_weight=0.25, pos2d=True, hidden_loss=True, muon=True,
+    "muon_w192_1000": Variant("tiny", 1000, 4e-3, MULTI_QA_MIX, **MUON_RECIPE,
                               overrides={"hidden_size": 192, "intermediate_size": 768,
                                          "num_attention_heads": 6, "num_key_value_heads": 6}),
-    "muon_d6_1000": Variant("tiny", 1000, 4e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True,
-                            image_weight=0.25, pos2d=True, hidden_loss=True, muon=True,
-                            overrides={"num_hidden_layers": 6}),
-    "muon_h8_1000": Variant("tiny", 1000, 4e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True,
-                            image_weight=0.25, pos2d=True, hidden_loss=True, muon=True,
+    "muon_d6_1000": Variant("tiny", 1000, 4e-3, MULTI_QA_MIX, **MUON_RECIPE, overrides={"num_hidden_layers": 6}),
+    "muon_h8_1000": Variant("tiny", 1000, 4e-3, MULTI_QA_MIX, **MUON_RECIPE,
                             overrides={"num_attention_heads": 8, "num_key_value_heads": 8}),
     # is the named lookup learnable at all by this decoder when it is the only task? (colour
     # questions alone, one per image: most name one object among several)
-    "colour_only_muon_1000": Variant("tiny", 1000, 4e-3, {"vqa": 1.0}, chat_turns=5, max_length=224, bit_init=True,
-                                     image_weight=0.25, pos2d=True, hidden_loss=True, muon=True,
-                                     qa_types=("colour",)),
-    "colour_only_adamw_1000": Variant("tiny", 1000, 2e-3, {"vqa": 1.0}, chat_turns=5, max_length=224, bit_init=True,
-                                      image_weight=0.25, pos2d=True, hidden_loss=True, qa_types=("colour",)),
-    "colour_only_muon_wd0_1000": Variant("tiny", 1000, 4e-3, {"vqa": 1.0}, chat_turns=5, max_length=224,
-                                         bit_init=True, image_weight=0.25, pos2d=True, hidden_loss=True, muon=True,
-                                         qa_types=("colour",), weight_decay=0.0),
-    "colour_only_muon_3000": Variant("tiny", 3000, 4e-3, {"vqa": 1.0}, chat_turns=5, max_length=224, bit_init=True,
-                                     image_weight=0.25, pos2d=True, hidden_loss=True, muon=True,
-                                     qa_types=("colour",)),
-    "colour_only_muon_qk4_1000": Variant("tiny", 1000, 4e-3, {"vqa": 1.0}, chat_turns=5, max_length=224,
-                                         bit_init=True, image_weight=0.25, pos2d=True, hidden_loss=True, muon=True,
-                                         qa_types=("colour",), qk_init_scale=4.0),
+    "colour_only_muon_1000": Variant("tiny", 1000, 4e-3, {"vqa": 1.0}, **MUON_RECIPE, qa_types=("colour",)),
+    "colour_only_adamw_1000": Variant("tiny", 1000, 2e-3, {"vqa": 1.0}, **{**MUON_RECIPE, "muon": False},
+                                      qa_types=("colour",)),
+    "colour_only_muon_wd0_1000": Variant("tiny", 1000, 4e-3, {"vqa": 1.0}, **MUON_RECIPE, qa_types=("colour",),
+                                         weight_decay=0.0),
+    "colour_only_muon_3000": Variant("tiny", 3000, 4e-3, {"vqa": 1.0}, **MUON_RECIPE, qa_types=("colour",)),
+    "colour_only_muon_qk4_1000": Variant("tiny", 1000, 4e-3, {"vqa": 1.0}, **MUON_RECIPE, qa_types=("colour",),
+                                         qk_init_scale=4.0),
     # the lookup by place alone: every image id carries its row and column embedding, so the
     # key is there from the first step; is this one learned?
-    "colour_place_only_muon_1000": Variant("tiny", 1000, 4e-3, {"vqa": 1.0}, chat_turns=5, max_length=224,
-                                           bit_init=True, image_weight=0.25, pos2d=True, hidden_loss=True,
-                                           muon=True, qa_types=("colour",), question_prefix="What colour is the object "),
-    "colour_place_only_muon_qk4_1000": Variant("tiny", 1000, 4e-3, {"vqa": 1.0}, chat_turns=5, max_length=224,
-                                               bit_init=True, image_weight=0.25, pos2d=True, hidden_loss=True,
-                                               muon=True, qa_types=("colour",),
-                                               question_prefix="What colour is the object ", qk_init_scale=4.0),
-    "colour_place_only_muon_3000": Variant("tiny", 3000, 4e-3, {"vqa": 1.0}, chat_turns=5, max_length=224,
-                                           bit_init=True, image_weight=0.25, pos2d=True, hidden_loss=True,
-                                           muon=True, qa_types=("colour",), question_prefix="What colour is the object "),
+    "colour_place_only_muon_1000": Variant("tiny", 1000, 4e-3, {"vqa": 1.0}, **MUON_RECIPE, qa_types=("colour",),
+                                           question_prefix=PLACE_COLOUR_QUESTION),
+    "colour_place_only_muon_qk4_1000": Variant("tiny", 1000, 4e-3, {"vqa": 1.0}, **MUON_RECIPE, qa_types=("colour",),
+                                               question_prefix=PLACE_COLOUR_QUESTION, qk_init_scale=4.0),
+    "colour_place_only_muon_3000": Variant("tiny", 3000, 4e-3, {"vqa": 1.0}, **MUON_RECIPE, qa_types=("colour",),
+                                           question_prefix=PLACE_COLOUR_QUESTION),
     # one 12-bit id per patch: a key can name the patch's shape and size from its own position
     # (with two 6-bit ids a layer must merge them first); with the 4x start, are lookups by
     # attributes then learned like the lookup by place?
-    "colour_only_onegroup_qk4_1000": Variant("tiny", 1000, 4e-3, {"vqa": 1.0}, chat_turns=5, max_length=224,
-                                             bit_init=True, image_weight=0.25, pos2d=True, hidden_loss=True,
-                                             muon=True, qa_types=("colour",), one_group=True, qk_init_scale=4.0),
+    "colour_only_onegroup_qk4_1000": Variant("tiny", 1000, 4e-3, {"vqa": 1.0}, **MUON_RECIPE, qa_types=("colour",),
+                                             one_group=True, qk_init_scale=4.0),
     # query/key weights start 2, 4 or 8 times larger (UnifiedModelConfig.attention_init_scale):
     # does the named lookup start sooner when attention logits respond faster?
-    "muon_qk4_1000": Variant("tiny", 1000, 4e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True,
-                             image_weight=0.25, pos2d=True, hidden_loss=True, muon=True, qk_init_scale=4.0),
-    "muon_qk8_1000": Variant("tiny", 1000, 4e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True,
-                             image_weight=0.25, pos2d=True, hidden_loss=True, muon=True, qk_init_scale=8.0),
-    "muon_qk2_1000": Variant("tiny", 1000, 4e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True,
-                             image_weight=0.25, pos2d=True, hidden_loss=True, muon=True, qk_init_scale=2.0),
+    "muon_qk4_1000": Variant("tiny", 1000, 4e-3, MULTI_QA_MIX, **MUON_RECIPE, qk_init_scale=4.0),
+    "muon_qk8_1000": Variant("tiny", 1000, 4e-3, MULTI_QA_MIX, **MUON_RECIPE, qk_init_scale=8.0),
+    "muon_qk2_1000": Variant("tiny", 1000, 4e-3, MULTI_QA_MIX, **MUON_RECIPE, qk_init_scale=2.0),
     "muon_lr2e-3_600": Variant("tiny", 600, 2e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True,
                                image_weight=0.25, pos2d=True, hidden_loss=True, muon=True),
     "muon_lr8e-3_600": Variant("tiny", 600, 8e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True,
