@@ -143,6 +143,39 @@ def use_yesno_scaffold(fraction: float) -> None:
     mixture.build_sequence = scaffolded
 
 
+def use_lookup_questions(count: int) -> None:
+    """Chats about ShapesWorld images with several objects get ``count`` more questions, drawn
+    fresh from the scene with the sequence's own random generator: colour, shape and position
+    questions about one object named among several (the lookup the model fails), mixed in with
+    the sample's stored questions in a random order."""
+    from unified_mm.data import mixture
+    from unified_mm.data.shapesworld import QA_BUILDERS, ShapesWorldConfig, scene_from_meta
+
+    build, config = mixture.build_sequence, ShapesWorldConfig()
+    lookups = [b for b in QA_BUILDERS if b.__name__ in ("_colour_qa", "_shape_qa", "_position_qa")]
+
+    def with_lookups(task, image_codes, meta, rng, cfg, builder):
+        if task != "chat" or len(meta.get("objects", [])) < 2 or mixture._conversation(meta) is not None:
+            return build(task, image_codes, meta, rng, cfg, builder)
+        stored = mixture._qa_pairs(meta)
+        pairs = rng.sample(stored, min(cfg.chat_turns, len(stored)))
+        asked, scene = {q for q, _ in pairs}, scene_from_meta(meta)
+        for _ in range(4 * count):  # a scene has few distinct questions: stop after 4x tries
+            if len(pairs) >= cfg.chat_turns + count:
+                break
+            item = rng.choice(lookups)(rng, scene, config)
+            if item is not None and item["question"] not in asked:
+                asked.add(item["question"])
+                pairs.append((item["question"], item["answer"]))
+        rng.shuffle(pairs)
+        turns = []
+        for index, (question, answer) in enumerate(pairs):
+            turns += [Turn("user", question, image_codes if index == 0 else None), Turn("assistant", answer)]
+        return builder.chat(turns, task="chat")
+
+    mixture.build_sequence = with_lookups
+
+
 def use_single_object_start(stream: MixedTaskStream, steps: int, current_step: list) -> None:
     """Until ``current_step[0]`` passes ``steps``, the stream passes over images with more than one
     object (about 2 in 3 on ShapesWorld: cheap, data is ~14 ms of a ~450 ms step)."""
@@ -246,6 +279,8 @@ def run_variant(name: str, args) -> dict:
         use_qa_types(variant.qa_types, variant.question_prefix)
     if variant.yesno_scaffold:
         use_yesno_scaffold(variant.yesno_scaffold)
+    if variant.lookup_questions:
+        use_lookup_questions(variant.lookup_questions)
     text = TextTokenizer(Path(args.tokenizer) / "text_tokenizer.model")
     manifest = read_manifest(args.codes)
     # one_group: all of a patch's bits as one image id (the vocabulary regroups the stored codes)
@@ -332,6 +367,7 @@ def run_variant(name: str, args) -> dict:
             "muon": variant.muon, "question_labels": variant.question_labels,
             "yesno_scaffold": variant.yesno_scaffold, "bit_random": variant.bit_random, "weight_decay": variant.weight_decay,
             "qk_init_scale": variant.qk_init_scale, "question_prefix": variant.question_prefix,
+            "lookup_questions": variant.lookup_questions,
             "seconds": round(time.perf_counter() - start, 1), **final, "curve": curve}
 
 

@@ -74,6 +74,9 @@ class Variant(NamedTuple):
     # non-empty: of the questions kept by qa_types, only those starting with this text (e.g.
     # "What colour is the object " = colour questions naming the object by its place)
     question_prefix: str = ""
+    # > 0: chats about several-object images get this many extra colour / shape / position
+    # questions drawn fresh from the scene (use_lookup_questions): more lookups per step
+    lookup_questions: int = 0
 
 
 VARIANTS = {
@@ -265,6 +268,13 @@ VARIANTS = {
                                              one_group=True, qk_init_scale=4.0),
     # query/key weights start 2, 4 or 8 times larger (UnifiedModelConfig.attention_init_scale):
     # does the named lookup start sooner when attention logits respond faster?
+    # session 21: far longer than the demo (its ~2,000 steps), to see where the curve goes
+    "muon_10000": Variant("tiny", 10000, 4e-3, MULTI_QA_MIX, **MUON_RECIPE),
+    # session 21: several-object chats carry 5 (or 10) extra fresh lookup questions
+    "muon_lookup5_600": Variant("tiny", 600, 4e-3, MULTI_QA_MIX, **MUON_RECIPE, lookup_questions=5),
+    "muon_lookup5_1000": Variant("tiny", 1000, 4e-3, MULTI_QA_MIX, **MUON_RECIPE, lookup_questions=5),
+    "muon_lookup10_1000": Variant("tiny", 1000, 4e-3, MULTI_QA_MIX, **{**MUON_RECIPE, "max_length": 320},
+                                  lookup_questions=10),
     "muon_qk4_1000": Variant("tiny", 1000, 4e-3, MULTI_QA_MIX, **MUON_RECIPE, qk_init_scale=4.0),
     "muon_qk8_1000": Variant("tiny", 1000, 4e-3, MULTI_QA_MIX, **MUON_RECIPE, qk_init_scale=8.0),
     "muon_qk2_1000": Variant("tiny", 1000, 4e-3, MULTI_QA_MIX, **MUON_RECIPE, qk_init_scale=2.0),

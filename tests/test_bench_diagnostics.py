@@ -148,3 +148,43 @@ def test_bench_qa_filter_keeps_types_and_question_prefix(monkeypatch):
                    {"type": "colour", "question": "What colour is the square?", "answer": "blue"},
                    {"type": "shape", "question": "What shape is the object on the left?", "answer": "circle"}]}
     assert mixture._qa_pairs(meta) == [("What colour is the object on the left?", "red")]
+
+
+def test_lookup_questions_add_fresh_true_questions_to_several_object_chats_only(tok, vocab, monkeypatch):  # noqa: F811
+    import random
+
+    from unified_mm.data import mixture
+    from unified_mm.data.shapesworld import Scene, SceneObject, ShapesWorldConfig, describe, scene_to_meta
+
+    from tests.test_shapesworld import expected_answer
+
+    monkeypatch.setattr(mixture, "build_sequence", mixture.build_sequence)  # restored after the test
+    budget.use_lookup_questions(5)
+    config = ShapesWorldConfig()
+    several = Scene((0, 0, 0), (SceneObject("red", "circle", "large", (0, 0), (0, 0)),
+                                SceneObject("blue", "circle", "small", (1, 2), (0, 0)),
+                                SceneObject("red", "square", "small", (2, 1), (0, 0))), 0)
+    one = Scene((0, 0, 0), (SceneObject("green", "cross", "large", (1, 1), (0, 0)),), 0)
+    codes = np.zeros((vocab.num_patches, vocab.code_groups), np.int64)
+    for scene, extra in ((several, 5), (one, 0)):
+        stored = describe(scene, random.Random(0), config)[1]
+        meta = {**scene_to_meta(scene, config), "qa": stored}
+        for seed in range(5):
+            seq = mixture.build_sequence("chat", codes, meta, random.Random(seed),
+                                         mixture.MixtureConfig(chat_turns=5), make_builder(tok, vocab, 1024))
+            text = tok.decode([i for i in seq.ids if i < vocab.image_start])
+            pairs = _question_answer_pairs(text)
+            assert len(pairs) == len(stored) + extra and len({q for q, _ in pairs}) == len(pairs)
+            assert {q for q, _ in pairs} >= {qa["question"] for qa in stored}  # every stored question kept
+            for question, answer in pairs:
+                assert answer == expected_answer(question, meta["objects"]), (question, answer)
+            fresh = [q for q, _ in pairs if q not in {qa["question"] for qa in stored}]
+            assert all(q.startswith(("What colour is", "What shape is", "Where is")) for q in fresh)
+
+
+def _question_answer_pairs(text: str) -> list[tuple[str, str]]:
+    """"Q1?A1Q2?A2" (a decoded chat without specials) -> [(Q1?, A1), (Q2?, A2)]: every answer is
+    one of ShapesWorld's lowercase words, every question starts with a capital."""
+    import re
+
+    return [(q.strip(), a.strip()) for q, a in re.findall(r"([A-Z][^?]*\?)([^A-Z]*)", text)]

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mmcore.config import ConfigError
-from train.optim import MuonAdamW, OptimConfig, build_optimizer, build_scheduler, param_groups
+from train.optim import Muon, MuonAdamW, OptimConfig, build_optimizer, build_scheduler, newton_schulz, param_groups
 
 
 class TwoLayers(torch.nn.Module):
@@ -54,11 +54,12 @@ def test_muon_patterns_that_match_nothing_are_an_error():
 
 
 def test_one_step_equals_muon_and_adamw_stepped_separately():
+    """With bf16 Newton-Schulz (torch's only precision) the steps equal torch.optim.Muon's exactly."""
     torch.manual_seed(0)
     model = TwoLayers()
     reference = copy.deepcopy(model)
     initial = copy.deepcopy(model.state_dict())
-    optimizer = build_optimizer(model, muon_config())
+    optimizer = build_optimizer(model, muon_config(muon_ns_dtype="bfloat16"))
     assert isinstance(optimizer, MuonAdamW)
     matrices = [reference.layers[0].weight, reference.layers[1].weight]
     rest = [p for p in reference.parameters() if all(p is not m for m in matrices)]
@@ -78,6 +79,54 @@ def test_one_step_equals_muon_and_adamw_stepped_separately():
     for (name, got), want in zip(model.named_parameters(), reference.parameters()):
         torch.testing.assert_close(got, want, rtol=0, atol=0, msg=name)
     assert not torch.equal(model.layers[0].weight, initial["layers.0.weight"])  # the steps did move it
+
+
+def test_float32_newton_schulz_is_closer_to_exact_than_bf16():
+    torch.manual_seed(0)
+    update = torch.randn(16, 40)
+    args = ((3.4445, -4.7750, 2.0315), 5, 1e-7)
+    exact = newton_schulz(update.double(), *args, torch.float64)
+    fp32, bf16 = newton_schulz(update, *args, torch.float32), newton_schulz(update, *args, torch.bfloat16)
+    assert fp32.dtype == torch.float32 and bf16.dtype == torch.bfloat16 and fp32.shape == (16, 40)
+    fp32_error, bf16_error = (fp32.double() - exact).abs().max(), (bf16.double() - exact).abs().max()
+    assert fp32_error < 1e-5 < bf16_error / 100
+    # what the iteration is for: singular values pulled from their spread towards 1 (torch's
+    # coefficients leave them in roughly [0.5, 1.5], not exactly 1)
+    before, after = torch.linalg.svdvals(update), torch.linalg.svdvals(fp32)
+    assert before.max() / before.min() > 3 and 0.3 < after.min() and after.max() < 1.6
+    tall = newton_schulz(update.T.contiguous(), *args, torch.float32)  # rows > cols: transposed inside
+    torch.testing.assert_close(tall, fp32.T)
+
+
+def test_auto_precision_is_float32_on_cpu_and_the_state_loads_into_torch_muon():
+    torch.manual_seed(0)
+    model = TwoLayers()
+    optimizer = build_optimizer(model, muon_config())
+    assert optimizer._muon._dtype_for(model.layers[0].weight) == torch.float32
+    auto = copy.deepcopy(model)
+    bf16 = copy.deepcopy(model)
+    steps = [(auto, build_optimizer(auto, muon_config())),
+             (bf16, build_optimizer(bf16, muon_config(muon_ns_dtype="bfloat16")))]
+    for net, opt in steps:
+        loss_of(net, 0).backward()
+        opt.step()
+    diff = (auto.layers[0].weight - bf16.layers[0].weight).abs().max()
+    assert 0 < diff < 1e-3  # the same step up to bf16's rounding
+    # checkpoints: a state saved by ours continues in torch's (and back) with the same steps
+    ours_net, torch_net = copy.deepcopy(model), copy.deepcopy(model)
+    ours = Muon(list(ours_net.layers.parameters())[::2], ns_dtype="bfloat16", lr=1e-2)
+    loss_of(ours_net, 0).backward()
+    ours.step()
+    torch_net.load_state_dict(ours_net.state_dict())
+    theirs = torch.optim.Muon(list(torch_net.layers.parameters())[::2], lr=1e-2, adjust_lr_fn="match_rms_adamw")
+    theirs.load_state_dict(copy.deepcopy(ours.state_dict()))  # as from a file: no shared buffers
+    for net, opt in ((ours_net, ours), (torch_net, theirs)):
+        net.zero_grad()
+        loss_of(net, 1).backward()
+        opt.step()
+    torch.testing.assert_close(ours_net.layers[1].weight, torch_net.layers[1].weight, rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="muon_ns_dtype"):
+        muon_config(muon_ns_dtype="float16").validate()
 
 
 def test_schedule_reaches_both_halves_and_resume_equals_continuous():

@@ -31,6 +31,12 @@ class OptimConfig:
     name: Literal["adamw", "muon"] = "adamw"
     muon_params: tuple[str, ...] = ()
     muon_momentum: float = 0.95
+    # Precision of Muon's Newton-Schulz iterations: "auto" = bfloat16 for parameters on CUDA (as
+    # torch.optim.Muon always does), float32 elsewhere. On a CPU without bf16 matrix units
+    # (Skylake-SP, 2 cores) bf16 is emulated: the iterations ran 3.5-6x slower than in float32 on
+    # the demo's matrix shapes and took about half of every tokenizer and unified training step
+    # (session 21, docs/notes/session21.md).
+    muon_ns_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     grad_clip: float = 1.0  # 0 disables clipping
     warmup_steps: int = 0
     total_steps: int = 1000
@@ -51,6 +57,8 @@ class OptimConfig:
                               "matrices Muon should step (fnmatch patterns, e.g. 'model.layers.*')")
         if not 0 <= self.muon_momentum < 1:
             raise ConfigError(f"optim.muon_momentum must be in [0, 1), got {self.muon_momentum}")
+        if self.muon_ns_dtype not in ("auto", "float32", "bfloat16"):
+            raise ConfigError(f"optim.muon_ns_dtype must be auto, float32 or bfloat16, got {self.muon_ns_dtype!r}")
 
 
 @dataclasses.dataclass
@@ -135,8 +143,73 @@ def param_groups(model: torch.nn.Module, weight_decay: float, lr: float,
             for (mult, decay, muon), params in ordered]
 
 
+def newton_schulz(update: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """Muon's orthogonalisation of a 2-D ``update`` (the quintic iteration of torch.optim.Muon),
+    computed in ``dtype``; the same operations in the same order as torch's, which hard-codes
+    bfloat16."""
+    a, b, c = coefficients
+    ortho = update.to(dtype, copy=True)
+    wide = update.size(0) > update.size(1)
+    if wide:
+        ortho = ortho.T  # (rows <= cols): the Gram matrix below is the smaller one
+    ortho.div_(ortho.norm().clamp(min=eps))  # spectral norm <= Frobenius norm <= 1
+    for _ in range(steps):
+        gram = ortho @ ortho.T
+        ortho = torch.addmm(ortho, torch.addmm(gram, gram, gram, beta=b, alpha=c), ortho, beta=a)
+    return ortho.T if wide else ortho
+
+
+def muon_lr(lr: float, shape: torch.Size) -> float:
+    """torch.optim.Muon's ``adjust_lr_fn="match_rms_adamw"``: an update of AdamW's RMS."""
+    return lr * 0.2 * math.sqrt(max(shape[0], shape[1]))
+
+
+class Muon(torch.optim.Muon):
+    """``torch.optim.Muon`` (Nesterov momentum, ``match_rms_adamw`` step size, decoupled weight
+    decay) with the Newton-Schulz precision chosen per parameter (:attr:`OptimConfig.muon_ns_dtype`).
+
+    Written out rather than used as is because torch's step casts every update to bfloat16 for the
+    iterations, with no option; where the CPU has no bf16 matrix units that is the slowest part of
+    a training step. With ``ns_dtype="bfloat16"`` the step equals torch's exactly
+    (tests/test_optim.py); the state (``momentum_buffer``) is torch's, so checkpoints load in either.
+    """
+
+    def __init__(self, params, ns_dtype: str = "auto", **kwargs):
+        super().__init__(params, adjust_lr_fn="match_rms_adamw", **kwargs)
+        self.ns_dtype = ns_dtype
+
+    def _dtype_for(self, param: torch.Tensor) -> torch.dtype:
+        if self.ns_dtype == "auto":
+            return torch.bfloat16 if param.is_cuda else torch.float32
+        return getattr(torch, self.ns_dtype)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            momentum, lr = group["momentum"], float(group["lr"])
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                state = self.state[param]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(param.grad, memory_format=torch.preserve_format)
+                buf = state["momentum_buffer"]
+                buf.lerp_(param.grad, 1 - momentum)
+                update = param.grad.lerp(buf, momentum) if group["nesterov"] else buf
+                update = newton_schulz(update, group["ns_coefficients"], group["ns_steps"], group["eps"],
+                                       self._dtype_for(param))
+                param.mul_(1 - lr * group["weight_decay"])
+                param.add_(update, alpha=-muon_lr(lr, param.shape))
+        return loss
+
+
 class MuonAdamW(torch.optim.Optimizer):
-    """One optimizer over groups flagged ``use_muon``: ``torch.optim.Muon`` steps those, AdamW the rest.
+    """One optimizer over groups flagged ``use_muon``: :class:`Muon` steps those, AdamW the rest.
 
     One object, so one LR schedule, one ``state_dict`` and one DeepSpeed client optimizer (ZeRO
     stage 0 only: ZeRO 1-3 flatten parameters into 1-D partitions, and Muon needs the matrices).
@@ -149,12 +222,11 @@ class MuonAdamW(torch.optim.Optimizer):
     """
 
     def __init__(self, groups: list[dict], lr: float, betas: tuple[float, float], eps: float,
-                 momentum: float = 0.95):
+                 momentum: float = 0.95, ns_dtype: str = "auto"):
         muon_groups = [g for g in groups if g["use_muon"]]
         adam_groups = [g for g in groups if not g["use_muon"]]
         # the inner constructors fill each group dict with their defaults, in place
-        self._muon = torch.optim.Muon(muon_groups, lr=lr, momentum=momentum,
-                                      adjust_lr_fn="match_rms_adamw") if muon_groups else None
+        self._muon = Muon(muon_groups, ns_dtype=ns_dtype, lr=lr, momentum=momentum) if muon_groups else None
         self._adam = torch.optim.AdamW(adam_groups, lr=lr, betas=betas, eps=eps) if adam_groups else None
         super().__init__(muon_groups + adam_groups, {})
         self.overflow = False
@@ -190,7 +262,8 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig,
                     lr_mults: dict[str, float] | None = None) -> torch.optim.Optimizer:
     if cfg.name == "muon":
         groups = param_groups(model, cfg.weight_decay, cfg.lr, lr_mults, tuple(cfg.muon_params))
-        return MuonAdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, momentum=cfg.muon_momentum)
+        return MuonAdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, momentum=cfg.muon_momentum,
+                         ns_dtype=cfg.muon_ns_dtype)
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.lr, lr_mults), lr=cfg.lr,
                              betas=tuple(cfg.betas), eps=cfg.eps)
 
