@@ -98,14 +98,16 @@ def test_float32_newton_schulz_is_closer_to_exact_than_bf16():
     torch.testing.assert_close(tall, fp32.T)
 
 
-def test_auto_precision_is_float32_on_cpu_and_the_state_loads_into_torch_muon():
+def test_auto_precision_is_float32_on_cpus_without_bf16_units_and_the_state_loads_into_torch_muon(monkeypatch):
     torch.manual_seed(0)
     model = TwoLayers()
-    optimizer = build_optimizer(model, muon_config())
-    assert optimizer._muon._dtype_for(model.layers[0].weight) == torch.float32
+    for amx, dtype in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr("train.optim.cpu_has_amx_bf16", lambda amx=amx: amx)
+        optimizer = build_optimizer(model, muon_config())
+        assert optimizer._muon._dtype_for(model.layers[0].weight) == dtype
     auto = copy.deepcopy(model)
     bf16 = copy.deepcopy(model)
-    steps = [(auto, build_optimizer(auto, muon_config())),
+    steps = [(auto, build_optimizer(auto, muon_config(muon_ns_dtype="float32"))),
              (bf16, build_optimizer(bf16, muon_config(muon_ns_dtype="bfloat16")))]
     for net, opt in steps:
         loss_of(net, 0).backward()

@@ -31,8 +31,8 @@ class OptimConfig:
     name: Literal["adamw", "muon"] = "adamw"
     muon_params: tuple[str, ...] = ()
     muon_momentum: float = 0.95
-    # Precision of Muon's Newton-Schulz iterations: "auto" = bfloat16 for parameters on CUDA (as
-    # torch.optim.Muon always does), float32 elsewhere. On a CPU without bf16 matrix units
+    # Precision of Muon's Newton-Schulz iterations: "auto" = bfloat16 (as torch.optim.Muon always
+    # does) on CUDA and on CPUs with AMX-BF16, float32 elsewhere. On a CPU without bf16 matrix units
     # (Skylake-SP, 2 cores) bf16 is emulated: the iterations ran 3.5-6x slower than in float32 on
     # the demo's matrix shapes and took about half of every tokenizer and unified training step
     # (session 21, docs/notes/session21.md).
@@ -178,10 +178,15 @@ class Muon(torch.optim.Muon):
     def __init__(self, params, ns_dtype: str = "auto", **kwargs):
         super().__init__(params, adjust_lr_fn="match_rms_adamw", **kwargs)
         self.ns_dtype = ns_dtype
+        self._cpu_amx: bool | None = None  # read from /proc/cpuinfo once, at the first step
 
     def _dtype_for(self, param: torch.Tensor) -> torch.dtype:
-        if self.ns_dtype == "auto":
-            return torch.bfloat16 if param.is_cuda else torch.float32
+        if self.ns_dtype == "auto":  # bf16 where it is native (and where torch's choice was measured)
+            if param.is_cuda:
+                return torch.bfloat16
+            if self._cpu_amx is None:
+                self._cpu_amx = cpu_has_amx_bf16()
+            return torch.bfloat16 if self._cpu_amx else torch.float32
         return getattr(torch, self.ns_dtype)
 
     @torch.no_grad()
