@@ -314,6 +314,9 @@ def run_variant(name: str, args) -> dict:
     optimizer = build_optimizer(model, OptimConfig(lr=lr, weight_decay=variant.weight_decay, betas=(0.9, 0.95),
                                                    name="muon" if variant.muon else "adamw",
                                                    muon_params=("model.layers.*",) if variant.muon else ()))
+    # rows from session 21 on record it: before, torch's Muon always iterated in bf16
+    muon_ns = (str(optimizer._muon.ns_dtype_for(next(iter(optimizer._muon.param_groups[0]["params"]))))
+               if variant.muon else None)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(50, steps, 0.1))
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else torch.autocast("cpu", dtype=torch.bfloat16, enabled=variant.cpu_bf16))
@@ -367,7 +370,7 @@ def run_variant(name: str, args) -> dict:
             "muon": variant.muon, "question_labels": variant.question_labels,
             "yesno_scaffold": variant.yesno_scaffold, "bit_random": variant.bit_random, "weight_decay": variant.weight_decay,
             "qk_init_scale": variant.qk_init_scale, "question_prefix": variant.question_prefix,
-            "lookup_questions": variant.lookup_questions,
+            "lookup_questions": variant.lookup_questions, "muon_ns_dtype": muon_ns,
             "seconds": round(time.perf_counter() - start, 1), **final, "curve": curve}
 
 

@@ -104,7 +104,7 @@ def test_auto_precision_is_float32_on_cpus_without_bf16_units_and_the_state_load
     for amx, dtype in ((True, torch.bfloat16), (False, torch.float32)):
         monkeypatch.setattr("train.optim.cpu_has_amx_bf16", lambda amx=amx: amx)
         optimizer = build_optimizer(model, muon_config())
-        assert optimizer._muon._dtype_for(model.layers[0].weight) == dtype
+        assert optimizer._muon.ns_dtype_for(model.layers[0].weight) == dtype
     auto = copy.deepcopy(model)
     bf16 = copy.deepcopy(model)
     steps = [(auto, build_optimizer(auto, muon_config(muon_ns_dtype="float32"))),

@@ -180,7 +180,7 @@ class Muon(torch.optim.Muon):
         self.ns_dtype = ns_dtype
         self._cpu_amx: bool | None = None  # read from /proc/cpuinfo once, at the first step
 
-    def _dtype_for(self, param: torch.Tensor) -> torch.dtype:
+    def ns_dtype_for(self, param: torch.Tensor) -> torch.dtype:
         if self.ns_dtype == "auto":  # bf16 where it is native (and where torch's choice was measured)
             if param.is_cuda:
                 return torch.bfloat16
@@ -207,7 +207,7 @@ class Muon(torch.optim.Muon):
                 buf.lerp_(param.grad, 1 - momentum)
                 update = param.grad.lerp(buf, momentum) if group["nesterov"] else buf
                 update = newton_schulz(update, group["ns_coefficients"], group["ns_steps"], group["eps"],
-                                       self._dtype_for(param))
+                                       self.ns_dtype_for(param))
                 param.mul_(1 - lr * group["weight_decay"])
                 param.add_(update, alpha=-muon_lr(lr, param.shape))
         return loss
