@@ -150,14 +150,22 @@ def newton_schulz(update: torch.Tensor, coefficients: tuple[float, float, float]
     bfloat16."""
     a, b, c = coefficients
     ortho = update.to(dtype, copy=True)
-    wide = update.size(0) > update.size(1)
-    if wide:
-        ortho = ortho.T  # (rows <= cols): the Gram matrix below is the smaller one
+    tall = update.size(0) > update.size(1)
+    if tall:
+        ortho = ortho.T  # now rows <= cols, so the Gram matrix below is the smaller of the two
     ortho.div_(ortho.norm().clamp(min=eps))  # spectral norm <= Frobenius norm <= 1
     for _ in range(steps):
         gram = ortho @ ortho.T
         ortho = torch.addmm(ortho, torch.addmm(gram, gram, gram, beta=b, alpha=c), ortho, beta=a)
-    return ortho.T if wide else ortho
+    return ortho.T if tall else ortho
+
+
+def closure_loss(closure) -> torch.Tensor | None:
+    """The loss of an optimizer step's optional ``closure``, evaluated with gradients on."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
 
 
 def muon_lr(lr: float, shape: torch.Size) -> float:
@@ -191,10 +199,7 @@ class Muon(torch.optim.Muon):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             momentum, lr = group["momentum"], float(group["lr"])
             for param in group["params"]:
@@ -249,10 +254,7 @@ class MuonAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
         self.overflow = bool(grads) and not bool(torch.nn.utils.get_total_norm(grads).isfinite())
         if self.overflow:
