@@ -37,7 +37,7 @@ from unified_mm.data.mixture import MixedTaskStream, MixtureConfig, SourceConfig
 from unified_mm.quick_eval import heldout_losses  # noqa: E402
 from unified_mm.loss import modality_token_losses, modality_token_losses_from_hidden, weighted_mean_loss  # noqa: E402
 from unified_mm.model import UnifiedModelConfig, build_model  # noqa: E402
-from unified_mm.sequence import IGNORE_INDEX, TASKS, SequenceBuilder, Turn, collate  # noqa: E402
+from unified_mm.sequence import IGNORE_INDEX, TASKS, SequenceBuilder, collate  # noqa: E402
 from unified_mm.tokenizer_cli import read_manifest, read_precomputed  # noqa: E402
 from unified_mm.vocab import Vocab  # noqa: E402
 
@@ -135,10 +135,7 @@ def use_yesno_scaffold(fraction: float) -> None:
                  (f"Is the object {place} {asked}?", "yes" if asked == obj["colour"] else "no")]
         others = [p for p in mixture._qa_pairs(meta) if p[0] not in {q for q, _ in pairs}]
         pairs += rng.sample(others, min(cfg.chat_turns - 2, len(others)))
-        turns = []
-        for index, (question, answer) in enumerate(pairs):
-            turns += [Turn("user", question, image_codes if index == 0 else None), Turn("assistant", answer)]
-        return builder.chat(turns, task="chat")
+        return builder.chat(mixture.qa_turns(pairs, image_codes), task="chat")
 
     mixture.build_sequence = scaffolded
 
@@ -149,10 +146,10 @@ def use_lookup_questions(count: int) -> None:
     questions about one object named among several (the lookup the model fails), mixed in with
     the sample's stored questions in a random order."""
     from unified_mm.data import mixture
-    from unified_mm.data.shapesworld import QA_BUILDERS, ShapesWorldConfig, scene_from_meta
+    from unified_mm.data.shapesworld import ShapesWorldConfig, _colour_qa, _position_qa, _shape_qa, scene_from_meta
 
     build, config = mixture.build_sequence, ShapesWorldConfig()
-    lookups = [b for b in QA_BUILDERS if b.__name__ in ("_colour_qa", "_shape_qa", "_position_qa")]
+    lookups = (_colour_qa, _shape_qa, _position_qa)
 
     def with_lookups(task, image_codes, meta, rng, cfg, builder):
         if task != "chat" or len(meta.get("objects", [])) < 2 or mixture._conversation(meta) is not None:
@@ -168,10 +165,7 @@ def use_lookup_questions(count: int) -> None:
                 asked.add(item["question"])
                 pairs.append((item["question"], item["answer"]))
         rng.shuffle(pairs)
-        turns = []
-        for index, (question, answer) in enumerate(pairs):
-            turns += [Turn("user", question, image_codes if index == 0 else None), Turn("assistant", answer)]
-        return builder.chat(turns, task="chat")
+        return builder.chat(mixture.qa_turns(pairs, image_codes), task="chat")
 
     mixture.build_sequence = with_lookups
 

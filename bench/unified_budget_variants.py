@@ -268,16 +268,11 @@ VARIANTS = {
                                              one_group=True, qk_init_scale=4.0),
     # query/key weights start 2, 4 or 8 times larger (UnifiedModelConfig.attention_init_scale):
     # does the named lookup start sooner when attention logits respond faster?
-    # session 21: far longer than the demo (its ~2,000 steps), to see where the curve goes
-    "muon_10000": Variant("tiny", 10000, 4e-3, MULTI_QA_MIX, **MUON_RECIPE),
-    # session 21: several-object chats carry 5 (or 10) extra fresh lookup questions
-    "muon_lookup5_600": Variant("tiny", 600, 4e-3, MULTI_QA_MIX, **MUON_RECIPE, lookup_questions=5),
-    "muon_lookup5_1000": Variant("tiny", 1000, 4e-3, MULTI_QA_MIX, **MUON_RECIPE, lookup_questions=5),
-    "muon_lookup10_1000": Variant("tiny", 1000, 4e-3, MULTI_QA_MIX, **{**MUON_RECIPE, "max_length": 320},
-                                  lookup_questions=10),
     "muon_qk4_1000": Variant("tiny", 1000, 4e-3, MULTI_QA_MIX, **MUON_RECIPE, qk_init_scale=4.0),
     "muon_qk8_1000": Variant("tiny", 1000, 4e-3, MULTI_QA_MIX, **MUON_RECIPE, qk_init_scale=8.0),
     "muon_qk2_1000": Variant("tiny", 1000, 4e-3, MULTI_QA_MIX, **MUON_RECIPE, qk_init_scale=2.0),
+    # session 21: several-object chats carry 5 extra fresh lookup questions (against muon_600)
+    "muon_lookup5_600": Variant("tiny", 600, 4e-3, MULTI_QA_MIX, **MUON_RECIPE, lookup_questions=5),
     "muon_lr2e-3_600": Variant("tiny", 600, 2e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True,
                                image_weight=0.25, pos2d=True, hidden_loss=True, muon=True),
     "muon_lr8e-3_600": Variant("tiny", 600, 8e-3, MULTI_QA_MIX, chat_turns=5, max_length=224, bit_init=True,

@@ -33,7 +33,7 @@ class OptimConfig:
     muon_momentum: float = 0.95
     # Precision of Muon's Newton-Schulz iterations: "auto" = bfloat16 (as torch.optim.Muon always
     # does) on CUDA and on CPUs with AMX-BF16, float32 elsewhere. On a CPU without bf16 matrix units
-    # (Skylake-SP, 2 cores) bf16 is emulated: the iterations ran 3.5-6x slower than in float32 on
+    # (Skylake-SP, 2 cores) bf16 is emulated: the iterations ran 3.3-6.2x slower than in float32 on
     # the demo's matrix shapes and took about half of a tokenizer training step; in float32 the
     # same 60 s budgets fitted 1.69x the tokenizer and 1.61x the unified steps
     # (session 21, docs/notes/session21.md).

@@ -121,6 +121,14 @@ def _captions(meta: dict) -> list[str]:
     return [c for c in captions if isinstance(c, str) and c.strip()]
 
 
+def qa_turns(pairs: list[tuple[str, str]], image_codes) -> list[Turn]:
+    """(question, answer) pairs as chat turns, the image in the first user turn."""
+    turns: list[Turn] = []
+    for index, (question, answer) in enumerate(pairs):
+        turns += [Turn("user", question, image_codes if index == 0 else None), Turn("assistant", answer)]
+    return turns
+
+
 def _conversation_turns(meta: dict, image_codes) -> list[Turn]:
     turns = []
     for index, turn in enumerate(meta["conversations"]):
@@ -147,12 +155,7 @@ def build_sequence(task: str, image_codes, meta: dict, rng: random.Random, cfg: 
         if _conversation(meta) is not None:
             return builder.chat(_conversation_turns(meta, image_codes), task="chat")
         pairs = _qa_pairs(meta)
-        picked = rng.sample(pairs, min(cfg.chat_turns, len(pairs)))
-        turns: list[Turn] = []
-        for index, (question, answer) in enumerate(picked):
-            turns.append(Turn("user", question, image_codes if index == 0 else None))
-            turns.append(Turn("assistant", answer))
-        return builder.chat(turns, task="chat")
+        return builder.chat(qa_turns(rng.sample(pairs, min(cfg.chat_turns, len(pairs))), image_codes), task="chat")
     raise UserError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
 
 
