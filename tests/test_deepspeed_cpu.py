@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from train.distributed import find_free_port
+from train.distributed import find_free_port, use_interpreter_ninja
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = "train/lm_smoke.py"
@@ -91,3 +91,21 @@ def test_two_process_smoke(tmp_path: Path, launcher: str, stage: int) -> None:
     # DeepSpeed's CPU all-reduce leaves a ~67 MB /dev/shm file per rank unless we unlink it
     leaked = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     assert not leaked, f"shared-memory buffers left behind: {leaked}"
+
+
+def test_the_interpreters_ninja_goes_first_on_path(tmp_path: Path) -> None:
+    """DeepSpeed's comm op is built by the first ninja on PATH; two ninja versions rebuild each
+    other's build (train.distributed.use_interpreter_ninja), so the environment's own must win."""
+    bin_dir = tmp_path / "venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    python = bin_dir / "python"
+    environ = {"PATH": os.pathsep.join(["/usr/local/bin", "/usr/bin"])}
+    assert not use_interpreter_ninja(environ, str(python))  # no ninja there: PATH untouched
+    assert environ["PATH"] == os.pathsep.join(["/usr/local/bin", "/usr/bin"])
+    (bin_dir / "ninja").write_text("")
+    assert use_interpreter_ninja(environ, str(python))
+    assert environ["PATH"].split(os.pathsep) == [str(bin_dir), "/usr/local/bin", "/usr/bin"]
+    assert not use_interpreter_ninja(environ, str(python))  # already first: not added twice
+    assert environ["PATH"].split(os.pathsep) == [str(bin_dir), "/usr/local/bin", "/usr/bin"]
+    empty: dict[str, str] = {}
+    assert use_interpreter_ninja(empty, str(python)) and empty["PATH"] == str(bin_dir)

@@ -91,6 +91,28 @@ def ensure_dist_env() -> None:
         os.environ["MASTER_PORT"] = str(find_free_port())
 
 
+def use_interpreter_ninja(environ: dict | None = None, executable: str | None = None) -> bool:
+    """Put this interpreter's ``bin`` directory first on ``PATH`` when it holds ``ninja``.
+
+    torch JIT-builds DeepSpeed's shared-memory comm op with the first ``ninja`` on ``PATH``, and
+    ninja versions hash the build commands differently: measured here (session 22), the venv's
+    ninja 1.13 (a shell with the venv activated) and the system's 1.11 (``make``, which runs
+    ``.venv/bin/python`` without activating) each took the other's build for stale and rebuilt it,
+    ~60 s on this 2-core machine, every time the two alternated. One ninja, the environment's own,
+    builds it once. ``environ`` / ``executable`` default to ``os.environ`` / ``sys.executable``;
+    returns whether ``PATH`` changed.
+    """
+    environ = os.environ if environ is None else environ
+    bin_dir = str(Path(executable or sys.executable).parent)
+    if not (Path(bin_dir) / "ninja").is_file():
+        return False
+    parts = environ.get("PATH", "").split(os.pathsep) if environ.get("PATH") else []
+    if parts and parts[0] == bin_dir:
+        return False
+    environ["PATH"] = os.pathsep.join([bin_dir, *parts])
+    return True
+
+
 def init_distributed(backend: str | None = None) -> DistInfo:
     """Initialise the process group through DeepSpeed (idempotent) and return this rank's info."""
     ensure_dist_env()
@@ -109,6 +131,8 @@ def init_distributed(backend: str | None = None) -> DistInfo:
                             category=FutureWarning)
     if not dist.is_initialized():
         import deepspeed  # deferred: see the module docstring
+
+        use_interpreter_ninja()  # before DeepSpeed builds or loads its comm op
 
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
         if backend == "gloo" and dist.get_world_size() > 1:
