@@ -6,7 +6,8 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
 # DeepSpeed JIT-compiles a small shared-memory comm op on first use (~50 s); keep it in one place
-# so it is built once per checkout rather than once per process.
+# so it is built once per checkout rather than once per process (train/distributed.py also makes the
+# venv's ninja build it, whether or not the venv is activated: two ninja versions rebuild each other's).
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 

@@ -269,6 +269,10 @@ VARIANTS = {
     # query/key weights start 2, 4 or 8 times larger (UnifiedModelConfig.attention_init_scale):
     # does the named lookup start sooner when attention logits respond faster?
     "muon_qk4_1000": Variant("tiny", 1000, 4e-3, MULTI_QA_MIX, **MUON_RECIPE, qk_init_scale=4.0),
+    # session 22: the same two at 3,000 steps (about 4x what the demo trains on a 2.0 GHz Skylake-SP
+    # CPU without AMX): does VQA keep rising on the cell codes, and does the 4x start still lead?
+    "muon_3000": Variant("tiny", 3000, 4e-3, MULTI_QA_MIX, **MUON_RECIPE),
+    "muon_qk4_3000": Variant("tiny", 3000, 4e-3, MULTI_QA_MIX, **MUON_RECIPE, qk_init_scale=4.0),
     "muon_qk8_1000": Variant("tiny", 1000, 4e-3, MULTI_QA_MIX, **MUON_RECIPE, qk_init_scale=8.0),
     "muon_qk2_1000": Variant("tiny", 1000, 4e-3, MULTI_QA_MIX, **MUON_RECIPE, qk_init_scale=2.0),
     # session 21: several-object chats carry 5 extra fresh lookup questions (against muon_600)
