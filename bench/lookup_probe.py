@@ -126,26 +126,42 @@ def cell_labels(codes, meta: dict):
         yield tuple(int(v) for v in codes[patch]), labels, len(meta["objects"])
 
 
-def code_table(codes_dir: str, split: str, images: int) -> dict:
-    """Accuracy of the train split's majority label per patch code on ``split``'s first ``images``
-    images: ``{attribute: {objects: accuracy}}`` (colour/shape/size over occupied cells only; a
-    code never seen in training counts as wrong)."""
+def majority_table_accuracy(train_rows, eval_rows, part: int | None = None) -> dict:
+    """Accuracy of the majority label per code on ``eval_rows``, the labels counted on
+    ``train_rows`` (each an iterable of ``(codes (patches, groups), meta)``):
+    ``{attribute: {objects: accuracy}}``, colour/shape/size over occupied cells only; a code never
+    seen in training counts as wrong. ``part``: None scores a patch's whole code (all its group
+    ids), an int one group's id alone: how much each id names by itself, when the language
+    model reads a cell as two ids."""
+    def key(code: tuple) -> tuple:
+        return code if part is None else (code[part],)
+
     tables = collections.defaultdict(lambda: collections.defaultdict(collections.Counter))
-    for _, codes, meta in read_precomputed(codes_dir, "train", None, split_by_rank=False):
+    for codes, meta in train_rows:
         for code, labels, _ in cell_labels(codes, meta):
             for attribute, value in labels.items():
                 if attribute == "occupied" or labels["occupied"]:
-                    tables[attribute][code][value] += 1
+                    tables[attribute][key(code)][value] += 1
     hits = collections.defaultdict(lambda: collections.defaultdict(list))
-    for index, (_, codes, meta) in enumerate(read_precomputed(codes_dir, split, None, split_by_rank=False)):
-        if index >= images:
-            break
+    for codes, meta in eval_rows:
         for code, labels, objects in cell_labels(codes, meta):
             for attribute, value in labels.items():
                 if attribute == "occupied" or labels["occupied"]:
-                    seen = tables[attribute].get(code)
+                    seen = tables[attribute].get(key(code))
                     hits[attribute][objects].append(bool(seen) and seen.most_common(1)[0][0] == value)
     return {a: {n: round(sum(v) / len(v), 4) for n, v in sorted(by_n.items())} for a, by_n in hits.items()}
+
+
+def code_table(codes_dir: str, split: str, images: int, part: int | None = None) -> dict:
+    """:func:`majority_table_accuracy` of the train split's codes, scored on ``split``'s first
+    ``images`` images."""
+    def rows(name: str, limit: int | None):
+        for index, (_, codes, meta) in enumerate(read_precomputed(codes_dir, name, None, split_by_rank=False)):
+            if limit is not None and index >= limit:
+                break
+            yield codes, meta
+
+    return majority_table_accuracy(rows("train", None), rows(split, images), part)
 
 
 def main() -> int:
@@ -156,12 +172,16 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=300, help="first N images of the split")
     parser.add_argument("--out", required=True, help="JSON file to write")
     parser.add_argument("--code-table", action="store_true",
-                        help="also score each patch code's majority label (train split) per cell")
+                        help="also score each patch code's majority label (train split) per cell, for the "
+                        "whole code and for each of its group ids alone")
     args = parser.parse_args()
     try:
         result = probe(load_unified(args.model), args.codes, args.split, args.images)
         if args.code_table:
             result["code_table"] = code_table(args.codes, args.split, args.images)
+            groups = read_manifest(args.codes)["num_groups"]
+            result["code_table_by_group"] = {str(g): code_table(args.codes, args.split, args.images, g)
+                                             for g in range(groups)}
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -172,8 +192,11 @@ def main() -> int:
         print(f"layer {h['layer']} head {h['head']}: target {h['target']:.3f}, other object "
               f"{h['other_object']:.3f}, all image {h['image']:.3f}")
     print(f"{result['questions']} questions; best target/other ratio {result['best_target_over_other']}")
-    for attribute, by_objects in result.get("code_table", {}).items():
-        print(f"code table, {attribute}: " + ", ".join(f"{n} objects {100 * acc:.1f}%" for n, acc in by_objects.items()))
+    tables = {"code table": result.get("code_table", {}),
+              **{f"group {g} id alone": t for g, t in result.get("code_table_by_group", {}).items()}}
+    for title, table in tables.items():
+        for attribute, by_objects in table.items():
+            print(f"{title}, {attribute}: " + ", ".join(f"{n} objects {100 * acc:.1f}%" for n, acc in by_objects.items()))
     return 0
 
 

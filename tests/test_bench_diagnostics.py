@@ -140,6 +140,28 @@ def test_lookup_cell_labels_name_each_patch_occupant_in_row_major_order():
     assert [r[1]["occupied"] for r in rows].count(True) == 1 and rows[0][1]["colour"] is None
 
 
+def test_lookup_code_table_scores_the_whole_code_and_each_group_alone():
+    """Colour is the XOR of the two group ids' lowest bits: the pair names it, neither id alone
+    does (the majority of either group's id is right for half the cells); occupancy is group 0's."""
+    colours = {0: "red", 1: "blue"}
+
+    def image(a: int, b: int) -> tuple:
+        codes = np.zeros((9, 2), dtype=np.int64)
+        codes[0] = (2 + a, 2 + b)  # occupied cell: ids 2-3 in each group
+        meta = {"objects": [{"colour": colours[a ^ b], "shape": "circle", "size": "small", "cell": [0, 0]}]}
+        return codes, meta
+
+    rows = [image(a, b) for a in (0, 1) for b in (0, 1)]
+    whole = lookup.majority_table_accuracy(rows * 3, rows)
+    assert whole["colour"] == {1: 1.0} and whole["occupied"] == {1: 1.0}
+    for group in (0, 1):
+        alone = lookup.majority_table_accuracy(rows * 3, rows, part=group)
+        assert alone["colour"] == {1: 0.5}  # ties break the same way for both ids: half right
+        assert alone["occupied"] == {1: 1.0}  # empty cells are id 0, occupied 2-3, in both groups
+    unseen = lookup.majority_table_accuracy(rows[:1], rows[1:])
+    assert unseen["colour"] == {1: 0.0}  # codes never seen in training count as wrong
+
+
 def test_bench_qa_filter_keeps_types_and_question_prefix(monkeypatch):
     from unified_mm.data import mixture
     monkeypatch.setattr(mixture, "_qa_pairs", mixture._qa_pairs)  # restored after the test

@@ -87,3 +87,35 @@ def _tensor_file(tmp_path: Path) -> Path:
     path = tmp_path / "ok.pt"
     torch.save({"w": torch.zeros(2)}, path)
     return path
+
+
+class GetattrPickle:
+    """Pickles as ``getattr(owner, name)``: how Python 3.11.2 pickles an enum member (a ZeRO
+    checkpoint's ``ZeroStageEnum``), whatever Python runs the test."""
+
+    def __init__(self, owner, name: str):
+        self.owner, self.name = owner, name
+
+    def __reduce__(self):
+        return (getattr, (self.owner, self.name))
+
+
+def test_checkpoint_loading_accepts_enum_members_pickled_by_getattr_and_nothing_else(tmp_path):
+    import torch
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    from train import ds_engine
+
+    def load(value):
+        path = tmp_path / "state.pt"
+        torch.save({"stage": value}, path)
+        with ds_engine.weights_only_loading():
+            return torch.load(path, map_location="cpu")["stage"]
+
+    assert load(GetattrPickle(ZeroStageEnum, "gradients")) is ZeroStageEnum.gradients
+    assert load(ZeroStageEnum.weights) is ZeroStageEnum.weights  # this Python's own way
+    # the narrowed getattr reaches members of allow-listed enums only: never a method's globals
+    for owner, name in ((LossScaler, "__init__"), (ZeroStageEnum, "__class__"), (ZeroStageEnum, "_member_map_")):
+        with pytest.raises(pickle.UnpicklingError):
+            load(GetattrPickle(owner, name))

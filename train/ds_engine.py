@@ -34,6 +34,7 @@ no side streams to overlap with; ``stage3_param_persistence_threshold`` is 1e4 i
 from __future__ import annotations
 
 import contextlib
+import enum
 import json
 import math
 import os
@@ -315,12 +316,30 @@ def save_checkpoint(engine: deepspeed.DeepSpeedEngine, checkpoint_dir: str | Pat
 
 
 def _safe_checkpoint_globals() -> list:
-    """The few non-tensor classes DeepSpeed's ZeRO checkpoints pickle (plain data holders)."""
+    """The few non-tensor classes DeepSpeed's ZeRO checkpoints pickle (plain data holders), and
+    ``builtins.getattr`` narrowed to :func:`_enum_member` (see there)."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address, (_enum_member, "builtins.getattr")]
+
+
+def _enum_member(cls, name: str):
+    """What ``builtins.getattr`` may do while a checkpoint loads: name a member of an allow-listed
+    enum, nothing else.
+
+    Why: Python 3.11.2 (Debian's ``python3``) pickles an enum member as ``getattr(EnumClass,
+    "name")`` (3.11.7 as ``EnumClass(value)``), so a ZeRO checkpoint written under it holds
+    ``builtins.getattr`` and a venv made from that Python could not resume (found in session 22:
+    ``make demo`` failed at its DeepSpeed smoke run). The real ``getattr`` is not allowed: with it
+    a checkpoint could walk from any allowed object to any attribute (a function's globals, a module).
+    """
+    allowed_enums = [g for g in _safe_checkpoint_globals() if isinstance(g, type) and issubclass(g, enum.Enum)]
+    if cls not in allowed_enums or not isinstance(name, str) or name not in cls.__members__:
+        raise pickle.UnpicklingError(f"getattr({getattr(cls, '__name__', type(cls).__name__)}, {name!r}) is not "
+                                     "allowed while loading a checkpoint: only members of allow-listed enums")
+    return cls[name]
 
 
 @contextlib.contextmanager
