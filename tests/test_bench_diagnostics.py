@@ -142,7 +142,8 @@ def test_lookup_cell_labels_name_each_patch_occupant_in_row_major_order():
 
 def test_lookup_code_table_scores_the_whole_code_and_each_group_alone():
     """Colour is the XOR of the two group ids' lowest bits: the pair names it, neither id alone
-    does (the majority of either group's id is right for half the cells); occupancy is group 0's."""
+    does (the majority of either group's id is right for half the cells); either id alone tells an
+    empty cell from an occupied one."""
     colours = {0: "red", 1: "blue"}
 
     def image(a: int, b: int) -> tuple:
