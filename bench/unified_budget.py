@@ -170,6 +170,49 @@ def use_lookup_questions(count: int) -> None:
     mixture.build_sequence = with_lookups
 
 
+def place_question(rng: random.Random, meta: dict) -> tuple[str, str]:
+    """"What is <place>?" about a cell picked occupied or empty by a coin flip (as ShapesWorld's
+    yes/no questions are), answered "nothing" or "a <colour> <shape>"."""
+    from unified_mm.data.shapesworld import GRID, LOCATION_PHRASES, POSITION_NAMES
+
+    occupant = {tuple(o["cell"]): o for o in meta["objects"]}
+    empty = [(r, c) for r in range(GRID) for c in range(GRID) if (r, c) not in occupant]
+    cells = sorted(occupant) if rng.random() < 0.5 or not empty else empty
+    cell = rng.choice(cells)
+    obj = occupant.get(cell)
+    answer = f"a {obj['colour']} {obj['shape']}" if obj else "nothing"
+    return f"What is {LOCATION_PHRASES[POSITION_NAMES[cell[0]][cell[1]]]}?", answer
+
+
+def use_place_questions(count: int) -> None:
+    """ShapesWorld chats get up to ``count`` more "What is <place>?" questions (distinct places,
+    drawn with the sequence's random generator, mixed in with the stored ones). Why: no stored
+    question asks about an empty cell, and yes/no answers are balanced, so "Is there an object in
+    the top left?" has no signal until the model reads a cell by its place; here "nothing" or the
+    object's words are a direct target for that read-out."""
+    from unified_mm.data import mixture
+
+    build = mixture.build_sequence
+
+    def with_places(task, image_codes, meta, rng, cfg, builder):
+        if task != "chat" or not meta.get("objects") or mixture._conversation(meta) is not None:
+            return build(task, image_codes, meta, rng, cfg, builder)
+        stored = mixture._qa_pairs(meta)
+        pairs = rng.sample(stored, min(cfg.chat_turns, len(stored)))
+        asked = {q for q, _ in pairs}
+        for _ in range(4 * count):  # nine places: stop after 4x tries
+            if len(pairs) >= min(cfg.chat_turns, len(stored)) + count:
+                break
+            question, answer = place_question(rng, meta)
+            if question not in asked:
+                asked.add(question)
+                pairs.append((question, answer))
+        rng.shuffle(pairs)
+        return builder.chat(mixture.qa_turns(pairs, image_codes), task="chat")
+
+    mixture.build_sequence = with_places
+
+
 def use_single_object_start(stream: MixedTaskStream, steps: int, current_step: list) -> None:
     """Until ``current_step[0]`` passes ``steps``, the stream passes over images with more than one
     object (about 2 in 3 on ShapesWorld: cheap, data is ~14 ms of a ~450 ms step)."""
@@ -275,6 +318,8 @@ def run_variant(name: str, args) -> dict:
         use_yesno_scaffold(variant.yesno_scaffold)
     if variant.lookup_questions:
         use_lookup_questions(variant.lookup_questions)
+    if variant.place_questions:
+        use_place_questions(variant.place_questions)
     text = TextTokenizer(Path(args.tokenizer) / "text_tokenizer.model")
     manifest = read_manifest(args.codes)
     # one_group: all of a patch's bits as one image id (the vocabulary regroups the stored codes)
@@ -364,7 +409,8 @@ def run_variant(name: str, args) -> dict:
             "muon": variant.muon, "question_labels": variant.question_labels,
             "yesno_scaffold": variant.yesno_scaffold, "bit_random": variant.bit_random, "weight_decay": variant.weight_decay,
             "qk_init_scale": variant.qk_init_scale, "question_prefix": variant.question_prefix,
-            "lookup_questions": variant.lookup_questions, "muon_ns_dtype": muon_ns,
+            "lookup_questions": variant.lookup_questions, "place_questions": variant.place_questions,
+            "muon_ns_dtype": muon_ns,
             "seconds": round(time.perf_counter() - start, 1), **final, "curve": curve}
 
 

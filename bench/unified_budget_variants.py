@@ -77,6 +77,10 @@ class Variant(NamedTuple):
     # > 0: chats about several-object images get this many extra colour / shape / position
     # questions drawn fresh from the scene (use_lookup_questions): more lookups per step
     lookup_questions: int = 0
+    # > 0: chats get this many extra "What is <place>?" questions ("nothing" for an empty cell,
+    # else "a <colour> <shape>"; use_place_questions): a first-order target for reading a cell by
+    # its place, which yes/no's "Is there an object <place>?" lacks
+    place_questions: int = 0
 
 
 VARIANTS = {
@@ -273,6 +277,8 @@ VARIANTS = {
     # CPU without AMX): does VQA keep rising on the cell codes, and does the 4x start still lead?
     "muon_3000": Variant("tiny", 3000, 4e-3, MULTI_QA_MIX, **MUON_RECIPE),
     "muon_qk4_3000": Variant("tiny", 3000, 4e-3, MULTI_QA_MIX, **MUON_RECIPE, qk_init_scale=4.0),
+    # session 22: two "What is <place>?" questions per chat, against muon_1000
+    "muon_place2_1000": Variant("tiny", 1000, 4e-3, MULTI_QA_MIX, **MUON_RECIPE, place_questions=2),
     "muon_qk8_1000": Variant("tiny", 1000, 4e-3, MULTI_QA_MIX, **MUON_RECIPE, qk_init_scale=8.0),
     "muon_qk2_1000": Variant("tiny", 1000, 4e-3, MULTI_QA_MIX, **MUON_RECIPE, qk_init_scale=2.0),
     # session 21: several-object chats carry 5 extra fresh lookup questions (against muon_600)

@@ -205,6 +205,35 @@ def test_lookup_questions_add_fresh_true_questions_to_several_object_chats_only(
             assert all(q.startswith(("What colour is", "What shape is", "Where is")) for q in fresh)
 
 
+def test_place_questions_ask_about_empty_and_occupied_cells_with_true_answers(tok, vocab, monkeypatch):  # noqa: F811
+    import random
+
+    from unified_mm.data import mixture
+    from unified_mm.data.shapesworld import (LOCATION_PHRASES, POSITION_NAMES, Scene, SceneObject, ShapesWorldConfig,
+                                             describe, scene_to_meta)
+
+    monkeypatch.setattr(mixture, "build_sequence", mixture.build_sequence)  # restored after the test
+    budget.use_place_questions(2)
+    config = ShapesWorldConfig()
+    scene = Scene((0, 0, 0), (SceneObject("red", "circle", "large", (0, 0), (0, 0)),
+                              SceneObject("blue", "square", "small", (1, 2), (0, 0))), 0)
+    stored = describe(scene, random.Random(0), config)[1]
+    meta = {**scene_to_meta(scene, config), "qa": stored}
+    truth = {f"What is {LOCATION_PHRASES[POSITION_NAMES[r][c]]}?": "nothing" for r in range(3) for c in range(3)}
+    truth.update({"What is in the top left?": "a red circle", "What is on the right?": "a blue square"})
+    codes = np.zeros((vocab.num_patches, vocab.code_groups), np.int64)
+    answers = []
+    for seed in range(20):
+        seq = mixture.build_sequence("chat", codes, meta, random.Random(seed),
+                                     mixture.MixtureConfig(chat_turns=5), make_builder(tok, vocab, 1024))
+        pairs = _question_answer_pairs(tok.decode([i for i in seq.ids if i < vocab.image_start]))
+        fresh = [(q, a) for q, a in pairs if q.startswith("What is ")]
+        assert len(pairs) == min(5, len(stored)) + 2 and len(fresh) == 2 and fresh[0][0] != fresh[1][0]
+        assert all(truth[q] == a for q, a in fresh), fresh
+        answers += [a for _, a in fresh]
+    assert "nothing" in answers and len(set(answers)) == 3  # empty cells and both objects asked about
+
+
 def _question_answer_pairs(text: str) -> list[tuple[str, str]]:
     """"Q1?A1Q2?A2" (a decoded chat without specials) -> [(Q1?, A1), (Q2?, A2)]: every answer is
     one of ShapesWorld's lowercase words, every question starts with a capital."""
