@@ -140,6 +140,27 @@ def use_yesno_scaffold(fraction: float) -> None:
     mixture.build_sequence = scaffolded
 
 
+def chat_with_fresh_questions(meta: dict, image_codes, rng: random.Random, builder, chat_turns: int, draw,
+                              total: int, tries: int):
+    """A chat of ``chat_turns`` of the sample's stored questions plus fresh ones from ``draw(rng)``
+    (a ``(question, answer)`` or None) until it holds ``total`` distinct questions or ``tries``
+    draws are spent (a scene has few distinct questions), in a random order."""
+    from unified_mm.data import mixture
+
+    stored = mixture._qa_pairs(meta)
+    pairs = rng.sample(stored, min(chat_turns, len(stored)))
+    asked = {q for q, _ in pairs}
+    for _ in range(tries):
+        if len(pairs) >= total:
+            break
+        item = draw(rng)
+        if item is not None and item[0] not in asked:
+            asked.add(item[0])
+            pairs.append(item)
+    rng.shuffle(pairs)
+    return builder.chat(mixture.qa_turns(pairs, image_codes), task="chat")
+
+
 def use_lookup_questions(count: int) -> None:
     """Chats about ShapesWorld images with several objects get ``count`` more questions, drawn
     fresh from the scene with the sequence's own random generator: colour, shape and position
@@ -154,18 +175,14 @@ def use_lookup_questions(count: int) -> None:
     def with_lookups(task, image_codes, meta, rng, cfg, builder):
         if task != "chat" or len(meta.get("objects", [])) < 2 or mixture._conversation(meta) is not None:
             return build(task, image_codes, meta, rng, cfg, builder)
-        stored = mixture._qa_pairs(meta)
-        pairs = rng.sample(stored, min(cfg.chat_turns, len(stored)))
-        asked, scene = {q for q, _ in pairs}, scene_from_meta(meta)
-        for _ in range(4 * count):  # a scene has few distinct questions: stop after 4x tries
-            if len(pairs) >= cfg.chat_turns + count:
-                break
+        scene = scene_from_meta(meta)
+
+        def draw(rng):
             item = rng.choice(lookups)(rng, scene, config)
-            if item is not None and item["question"] not in asked:
-                asked.add(item["question"])
-                pairs.append((item["question"], item["answer"]))
-        rng.shuffle(pairs)
-        return builder.chat(mixture.qa_turns(pairs, image_codes), task="chat")
+            return None if item is None else (item["question"], item["answer"])
+
+        return chat_with_fresh_questions(meta, image_codes, rng, builder, cfg.chat_turns, draw,
+                                         total=cfg.chat_turns + count, tries=4 * count)
 
     mixture.build_sequence = with_lookups
 
@@ -197,18 +214,10 @@ def use_place_questions(count: int) -> None:
     def with_places(task, image_codes, meta, rng, cfg, builder):
         if task != "chat" or not meta.get("objects") or mixture._conversation(meta) is not None:
             return build(task, image_codes, meta, rng, cfg, builder)
-        stored = mixture._qa_pairs(meta)
-        pairs = rng.sample(stored, min(cfg.chat_turns, len(stored)))
-        asked = {q for q, _ in pairs}
-        for _ in range(4 * count):  # nine places: stop after 4x tries
-            if len(pairs) >= min(cfg.chat_turns, len(stored)) + count:
-                break
-            question, answer = place_question(rng, meta)
-            if question not in asked:
-                asked.add(question)
-                pairs.append((question, answer))
-        rng.shuffle(pairs)
-        return builder.chat(mixture.qa_turns(pairs, image_codes), task="chat")
+        kept = min(cfg.chat_turns, len(mixture._qa_pairs(meta)))
+        return chat_with_fresh_questions(meta, image_codes, rng, builder, cfg.chat_turns,
+                                         lambda rng: place_question(rng, meta), total=kept + count,
+                                         tries=4 * count)  # nine places: stop after 4x tries
 
     mixture.build_sequence = with_places
 
