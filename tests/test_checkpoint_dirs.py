@@ -111,7 +111,7 @@ def test_checkpoint_loading_accepts_enum_members_pickled_by_getattr_and_nothing_
         path = tmp_path / "state.pt"
         torch.save({"stage": value}, path)
         with ds_engine.weights_only_loading():
-            return torch.load(path, map_location="cpu")["stage"]
+            return torch.load(path, map_location="cpu", weights_only=True)["stage"]
 
     assert load(GetattrPickle(ZeroStageEnum, "gradients")) is ZeroStageEnum.gradients
     assert load(ZeroStageEnum.weights) is ZeroStageEnum.weights  # this Python's own way
