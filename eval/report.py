@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from mmcore.io import atomic_write_bytes, atomic_write_text
+from mmcore.machine import describe_text
 
 FRAME = {True: (40, 170, 60), False: (215, 40, 40), None: (255, 255, 255)}
 BACKGROUND = (255, 255, 255)
@@ -107,7 +108,10 @@ def render_report(results: dict) -> str:
             lines += [f"**{figure['title']}**", "", f"![{figure['title']}]({figure['file']})", "",
                       figure.get("caption", ""), ""]
     versions = results.get("versions", {})
-    lines += ["## Environment", "", md_table(("package", "version"), sorted(versions.items())), ""]
+    lines += ["## Environment", ""]
+    if results.get("machine"):
+        lines += [f"Machine: {describe_text(results['machine'])}.", ""]
+    lines += [md_table(("package", "version"), sorted(versions.items())), ""]
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -29,8 +29,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable, NamedTuple
 
+import torch
+
 from mmcore.errors import UserError, cli_entry
 from mmcore.io import atomic_write_text
+from mmcore.machine import describe
 from unified_mm.export import read_unified_header, unified_hash
 from unified_mm.sample_cli import Parser, check_device
 
@@ -236,6 +239,14 @@ def versions() -> dict:
     return found
 
 
+def machine_facts(device: str) -> dict:
+    """CPU (and the GPU when ``device`` is one): the scores of a budgeted run depend on it."""
+    gpu = None
+    if device.startswith("cuda"):
+        gpu = torch.cuda.get_device_name(torch.device(device))
+    return describe(gpu)
+
+
 def model_facts(ctx: Context) -> dict | None:
     args = ctx.args
     if args.model is None:
@@ -287,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         "tokenizer": {"dir": str(args.tokenizer), "hash": tokenizer.hash} if tokenizer else None,
         "seeds": {"seed": args.seed, "t2i": "image i of a scale (prompt-major) uses seed + i",
                   "vqa_choice": "random.Random(f'vqa/{seed}/{key}') when --vqa-per-image N"},
-        "versions": versions(), "timings": timings,
+        "versions": versions(), "machine": machine_facts(args.device), "timings": timings,
         "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")  # task order kept

@@ -27,6 +27,7 @@ from typing import Callable, NamedTuple
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 # after making the repo importable:
+from mmcore.machine import describe, describe_text  # noqa: E402
 from eval.targets import Target, demo_targets, targets_markdown  # noqa: E402
 from train.distributed import torchrun_command  # noqa: E402
 
@@ -213,7 +214,8 @@ def summary_targets(out: Path, summary: dict) -> list[Target]:
 def write_report(out: Path, summary: dict, targets: list[Target]) -> Path:
     """``report.md``: the demo's step table, the targets (met, or missed by how much and where),
     then the evaluation report (figures linked from eval/)."""
-    lines = ["# make demo report", "", f"Total wall time: {summary['seconds']:.0f} s on this machine.", "",
+    machine = f" ({describe_text(summary['machine'])})" if summary.get("machine") else ""
+    lines = ["# make demo report", "", f"Total wall time: {summary['seconds']:.0f} s on this machine{machine}.", "",
              "| step | seconds | result |", "|---|---|---|"]
     lines += [f"| {r['step']} | {r['seconds']:.1f} | {r['result']} |" for r in summary["steps"]]
     if targets:
@@ -292,7 +294,7 @@ def main() -> int:
     if wanted:  # a partial rerun: keep the other steps' results from the last full run
         results = merge_results(out / "demo_summary.json", results)
         total = sum(r["seconds"] for r in results)
-    summary = {"out": str(out), "seconds": round(total, 1), "steps": results}
+    summary = {"out": str(out), "seconds": round(total, 1), "machine": describe(), "steps": results}
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     targets = summary_targets(out, summary)
     report = write_report(out, summary, targets)

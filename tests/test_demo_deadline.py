@@ -29,12 +29,14 @@ def test_report_has_the_targets_after_the_step_table(demo, tmp_path):
     (tmp_path / "eval" / "results.json").write_text(
         '{"tasks": {"reconstruction": {"scores": {"psnr_db": 27.5, "judge_accuracy": 0.5}}}}')
     (tmp_path / "eval" / "report.md").write_text("# Evaluation\n\n![grid](figures/t2i.png)\n")
-    summary = {"seconds": 880.0, "steps": [{"step": "data", "seconds": 9.0, "result": "ok"},
-                                           {"step": "eval", "seconds": 60.0, "result": "ok"}]}
+    summary = {"seconds": 880.0, "machine": {"cpu": "Some CPU @ 2.00GHz", "cpus": 2, "amx_bf16": False},
+               "steps": [{"step": "data", "seconds": 9.0, "result": "ok"},
+                         {"step": "eval", "seconds": 60.0, "result": "ok"}]}
     targets = demo.summary_targets(tmp_path, summary)
     text = demo.write_report(tmp_path, summary, targets).read_text()
     table, targets_at, evaluation = text.index("| data |"), text.index("## Targets"), text.index("# Evaluation")
     assert table < targets_at < evaluation
+    assert "Total wall time: 880 s on this machine (Some CPU @ 2.00GHz, 2 CPUs, no AMX-BF16)." in text
     assert "| reconstruction PSNR | >= 26 dB | 27.5 dB | met | judge on reconstructions 50.0% |" in text
     assert "| demo wall time | <= 900 s | 880 s | met | slowest step: eval 60 s |" in text
     assert "](eval/figures/t2i.png)" in text  # the evaluation's links now point into eval/

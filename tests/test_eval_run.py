@@ -79,6 +79,7 @@ def test_every_task_scored_with_hashes_and_report(env, full_run):
     assert list(results["tasks"]) == list(TASKS)
     assert results["model"]["hash"] and results["model"]["tokenizer_hash"] == results["tokenizer"]["hash"]
     assert results["versions"]["torch"] and results["seeds"]["seed"] == 0
+    assert results["machine"]["cpu"] and results["machine"]["cpus"] >= 1 and "gpu" not in results["machine"]
     assert set(results["timings"]) == {*TASKS, "total_s"}
     scores = scores_of(results)
     assert 0 <= scores["reconstruction"]["ssim"] <= 1 and scores["reconstruction"]["fid"] >= 0
@@ -104,6 +105,7 @@ def test_every_task_scored_with_hashes_and_report(env, full_run):
     assert len((full_run / "answers/vqa.jsonl").read_text().splitlines()) == 15
     report = (full_run / "report.md").read_text()
     assert "| vqa | soft accuracy (VQAv2) |" in report
+    assert f"Machine: {results['machine']['cpu']}, {results['machine']['cpus']} CPUs" in report
     assert "| t2i | caption's gain: image loss without minus with the prompt (nats/image) |" in report
     for figure in ("figures/reconstruction.png", "figures/t2i.png"):
         assert f"]({figure})" in report and Image.open(full_run / figure).size[0] > 0

@@ -59,6 +59,16 @@ def test_missing_tasks_are_not_evaluated_and_over_time_is_a_miss():
     assert (unguided.met, unguided.gap, unguided.where) == (None, "no CFG scale > 1 evaluated", "without CFG 30.0%")
 
 
+def test_a_miss_below_the_display_precision_gets_more_digits():
+    """Demo 30 took 900.4 s: shown as "900 s ... missed by 0 s" before; now the digits say why."""
+    targets = by_name(demo_targets(results(reconstruction={"psnr_db": 25.96}), wall_s=900.4))
+    wall, psnr = targets["demo wall time"], targets["reconstruction PSNR"]
+    assert (wall.met, wall.text, wall.gap) == (False, "900.4 s", "missed by 0.4 s")
+    assert (psnr.met, psnr.text, psnr.gap) == (False, "25.96 dB", "missed by 0.04 dB")
+    on_time = by_name(demo_targets(results(), wall_s=900.0))["demo wall time"]
+    assert (on_time.met, on_time.text, on_time.gap) == (True, "900 s", "met")
+
+
 def test_markdown_counts_misses():
     text = targets_markdown(demo_targets(FULL))
     assert text.startswith("## Targets")

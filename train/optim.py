@@ -15,6 +15,7 @@ from typing import Literal
 import torch
 
 from mmcore.config import ConfigError
+from mmcore.machine import cpu_has_amx_bf16
 
 
 @dataclasses.dataclass
@@ -78,15 +79,6 @@ class EngineConfig:
     def validate(self) -> None:
         if self.micro_batch_size < 1 or self.grad_accum_steps < 1:
             raise ConfigError("engine.micro_batch_size and engine.grad_accum_steps must be >= 1")
-
-
-def cpu_has_amx_bf16() -> bool:
-    """Whether this CPU advertises AMX-BF16 (Linux /proc/cpuinfo flags; False elsewhere)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
-            return any(line.startswith("flags") and "amx_bf16" in line.split() for line in handle)
-    except OSError:
-        return False
 
 
 def cpu_autocast_dtype(engine_cfg: EngineConfig, device: torch.device | str) -> torch.dtype | None:
