@@ -124,7 +124,9 @@ def test_budgeted_run_resumes_with_its_plan_and_spent_seconds(env, tmp_path):
 
 
 @pytest.mark.parametrize("zero, launcher, places, autocast, group_bits", [(2, "torchrun", False, "bf16", 0),
-                                                                          (3, "deepspeed", True, "none", 12)])
+                                                                          (3, "deepspeed", True, "none", 12),
+                                                                          (0, "torchrun", True, "none", 0)],
+                         ids=["zero2", "zero3", "zero0_muon"])
 def test_two_process_zero_run_trains_and_exports(env, tmp_path, zero, launcher, places, autocast, group_bits):
     """ZeRO-3 runs with image position embeddings: their tables are partitioned like every other
     parameter, gathered into the export, and rebuilt from config.json when it is loaded. The
@@ -133,10 +135,13 @@ def test_two_process_zero_run_trains_and_exports(env, tmp_path, zero, launcher, 
     losses all the same. The ZeRO-3 run writes one image id of all 12 bits per patch
     (``model.image_group_size``), regrouped from the stored two 6-bit codes."""
     out = tmp_path / f"zero{zero}"
-    # AdamW: the demo config's Muon runs under ZeRO stage 0 only (test_resume_... covers it)
-    train(env, out, "steps=4", "optim.name=adamw", f"engine.deepspeed_config=configs/deepspeed/zero{zero}.json",
-          f"model.image_positions={str(places).lower()}", f"engine.cpu_autocast={autocast}",
-          f"model.image_group_size={group_bits}", procs=2, launcher=launcher)
+    # ZeRO 2/3 with AdamW; stage 0 with the demo's Muon, whose two ranks split the Newton-Schulz
+    # work (train.optim.Muon; that the split steps exactly like one rank: tests/test_muon_split.py)
+    optimizer = MUON_ZERO0 if zero == 0 else ["optim.name=adamw"]
+    result = train(env, out, "steps=4", *optimizer, f"engine.deepspeed_config=configs/deepspeed/zero{zero}.json",
+                   f"model.image_positions={str(places).lower()}", f"engine.cpu_autocast={autocast}",
+                   f"model.image_group_size={group_bits}", procs=2, launcher=launcher)
+    assert ("Muon: Newton-Schulz split across 2 ranks" in result.stdout) == (zero == 0)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["cpu_autocast"] == ("bfloat16" if autocast == "bf16" else None)
     assert set(metrics["final_eval"]) == {f"eval/{t}" for t in ("vqa", "caption", "chat", "t2i", "text",

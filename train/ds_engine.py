@@ -46,6 +46,7 @@ from typing import Any, Callable, Iterable
 
 import deepspeed
 import torch
+import torch.distributed as dist
 from deepspeed.utils import safe_get_full_fp32_param
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -57,10 +58,10 @@ from train.checkpoint_dirs import (LATEST_FILE, PARTIAL_PREFIX, checkpoint_tag, 
                                    complete_checkpoints, find_latest_tag, fsync_path, is_complete, latest_tag,
                                    remove_checkpoint_dir, resume_checkpoint_tag, rng_file, rotate_checkpoints,
                                    step_of_tag, write_complete_marker)
-from train.distributed import barrier, get_rank, rng_state, set_rng_state, warn
+from train.distributed import barrier, get_rank, print_rank0, rng_state, set_rng_state, warn
 # deepspeed-free pieces (above: checkpoint directories; below: optimizer and configs),
 # re-exported so ``ds_engine.OptimConfig``, ``ds_engine.latest_tag`` etc. keep working
-from train.optim import (EngineConfig, OptimConfig, WarmupCosine, build_optimizer,  # noqa: F401
+from train.optim import (EngineConfig, OptimConfig, SplitRanks, WarmupCosine, build_optimizer,  # noqa: F401
                          build_scheduler, param_groups)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -160,11 +161,23 @@ def build_engine(model: torch.nn.Module, optim_cfg: OptimConfig, engine_cfg: Eng
     """
     ds_config = ds_config or resolve_ds_config(engine_cfg, optim_cfg)
     check_optimizer_fits(optim_cfg, ds_config, engine_cfg.deepspeed_config)
-    optimizer = build_optimizer(model, optim_cfg, lr_mults)
+    split = muon_split_ranks() if optim_cfg.name == "muon" else None
+    optimizer = build_optimizer(model, optim_cfg, lr_mults, split=split)
+    if split is not None:
+        print_rank0(f"Muon: Newton-Schulz split across {split.world_size} ranks")
     scheduler = build_scheduler(optimizer, optim_cfg)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            lr_scheduler=scheduler, config=ds_config)
     return engine
+
+
+def muon_split_ranks() -> SplitRanks | None:
+    """The data-parallel ranks that share Muon's Newton-Schulz work (train.optim.Muon), or None
+    for one process. Muon runs under ZeRO stage 0 only, where every rank holds the averaged
+    gradients of the whole model, so the ranks of the default group are the data-parallel ones."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return None
+    return SplitRanks(dist.get_rank(), dist.get_world_size(), dist.all_reduce)
 
 
 def check_optimizer_fits(optim_cfg: OptimConfig, ds_config: dict, source: str | Path) -> None:
