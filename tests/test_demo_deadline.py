@@ -41,3 +41,16 @@ def test_report_has_the_targets_after_the_step_table(demo, tmp_path):
     assert "| demo wall time | <= 900 s | 880 s | met | slowest step: eval 60 s |" in text
     assert "](eval/figures/t2i.png)" in text  # the evaluation's links now point into eval/
     assert demo.summary_targets(tmp_path / "nothing", summary) == []  # no eval yet: no targets
+
+
+def test_tokenizer_stages_keep_the_global_batch_on_their_process_count(demo, tmp_path):
+    """One process on both cores (scripts/demo.py TOKENIZER_PROCS): its micro-batch is the whole
+    global batch the configs give as 2 ranks x 16; the unified model keeps 2 processes."""
+    steps = {step.name: step.command(tmp_path) for step in demo.STEPS}
+    for name in ("tokenizer_stage1", "tokenizer_stage2"):
+        command = steps[name]
+        procs = int(command[command.index("--nproc_per_node") + 1])
+        micro = [a for a in command if a.startswith("engine.micro_batch_size=")]
+        assert procs == demo.TOKENIZER_PROCS and micro == [f"engine.micro_batch_size={32 // procs}"]
+    unified = steps["unified"]
+    assert unified[unified.index("--nproc_per_node") + 1] == "2"
