@@ -56,8 +56,9 @@ def _worker(rank, world_size, init_file, out_dir):
 
 def test_split_ranks_step_exactly_like_one_rank_and_share_the_work(tmp_path):
     world_size = 2
-    mp.start_processes(_worker, args=(world_size, str(tmp_path / "init"), str(tmp_path)), nprocs=world_size,
-                       start_method="fork")  # fork: no re-import of torch (spawn took ~15 s)
+    # spawn, not fork: a forked child inherits the default process group an earlier test in this
+    # pytest process may have left initialised (CI failed so), and cannot initialise its own
+    mp.spawn(_worker, args=(world_size, str(tmp_path / "init"), str(tmp_path)), nprocs=world_size)
     torch.manual_seed(0)
     model = Stack()
     optimizer = build_optimizer(model, config())  # no split: one rank orthogonalises everything
