@@ -90,7 +90,7 @@ def _plain_target(name: str, goal: float, value: Optional[float], unit: str, whe
         return Target(name, goal_text, None, "n/a", None, "not evaluated", where)
     met = value >= goal if higher_is_better else value <= goal
     if not met:  # a miss smaller than the display's precision gets more digits: never "missed by 0 s"
-        while digits < 3 and f"{abs(goal - value):.{digits}f}".strip("0.") == "":
+        while digits < 3 and round(abs(goal - value), digits) == 0:
             digits += 1
     gap = "met" if met else f"missed by {abs(goal - value):.{digits}f}{unit if gap_unit is None else gap_unit}"
     return Target(name, goal_text, value, f"{value:.{digits}f}{unit}", met, gap, where)

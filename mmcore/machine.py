@@ -2,8 +2,8 @@
 
 Training here runs for wall-clock budgets (the demo's tokenizer and unified steps), so the same
 command reaches different step counts and scores on different CPUs: session 21's machine (Skylake-SP,
-no AMX) fitted about a third of the steps of session 16's. Reports print this beside their
-figures so two runs can be compared.
+no AMX) fitted 40-47% of the steps the same demo budgets fitted on the machine of sessions 16-20
+(README, Status). Reports print this beside their figures so two runs can be compared.
 """
 from __future__ import annotations
 

@@ -68,7 +68,7 @@ def test_split_ranks_step_exactly_like_one_rank_and_share_the_work(tmp_path):
     momentum = [optimizer.state[p]["momentum_buffer"] for p in model.layers.parameters() if p.ndim == 2]
     shares = []
     for rank in range(world_size):
-        result = torch.load(tmp_path / f"rank{rank}.pt")
+        result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         for name, value in reference.items():
             assert torch.equal(result["params"][name], value), (rank, name)
         assert all(torch.equal(a, b) for a, b in zip(result["momentum"], momentum))  # whole state on every rank
