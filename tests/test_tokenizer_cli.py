@@ -139,6 +139,20 @@ def test_precompute_matches_encode_codes(env, capsys):
         tokenizer_cli.read_precomputed(root / "codes", "test")
 
 
+def test_precompute_with_workers_writes_the_same_bytes(env, capsys, tmp_path):
+    root, _ = env
+    args = ["precompute", "--tokenizer", root / "export", "--data", root / "data", "--splits", "train,val",
+            "--quiet", "--batch-size", "3"]
+    assert run(capsys, *args, "--out", tmp_path / "one")[0] == 0
+    assert run(capsys, *args, "--out", tmp_path / "two", "--workers", "2")[0] == 0
+    names = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "two").iterdir()) and len(names) > 3
+    for name in names:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+    code, _, err = run(capsys, *args, "--out", tmp_path / "zero", "--workers", "0")
+    assert code == 2 and "--workers must be >= 1, got 0" in err and not (tmp_path / "zero").exists()
+
+
 def test_precompute_counts_skipped_samples(env, capsys, tmp_path):
     root, _ = env
     good = list(islice(wds.WebDataset(str(root / "data" / "val-00000.tar"), shardshuffle=False), 2))

@@ -97,10 +97,15 @@ def test_hard_negatives_train_through_the_engine(dataset, tmp_path):
 
 
 def test_stage2_freezes_encoder_and_keeps_text_tower(dataset, tmp_path):
+    """Also: the perceptual and GAN terms join at their start steps (0-based: logged step 3)."""
     stage1 = tmp_path / "stage1"
     train(dataset, stage1, "steps=3")
-    train(dataset, tmp_path / "stage2", "steps=3", f"init_from={stage1 / 'export'}",
+    train(dataset, tmp_path / "stage2", "steps=3", f"init_from={stage1 / 'export'}", "perceptual.weight=0.1",
+          "perceptual.start_step=2", "gan.gan_weight=0.1", "gan.start_step=2",
           "gan.disc_width=8", "gan.disc_layers=1", config="configs/tokenizer/tiny_stage2.yaml")
+    records = [json.loads(line) for line in (tmp_path / "stage2" / "train_log.jsonl").read_text().splitlines()]
+    assert [sorted({"perceptual", "gan_g", "gan_d"} & set(r)) for r in records] == [
+        [], [], ["gan_d", "gan_g", "perceptual"]]
     before = load_file(stage1 / "export" / "model.safetensors")
     after = load_file(tmp_path / "stage2" / "export" / "model.safetensors")
     assert before.keys() == after.keys()
@@ -136,7 +141,8 @@ def test_stage2_resume_restores_discriminator(dataset, tmp_path):
     back on resume, or the losses after the restart would differ."""
     stage1 = tmp_path / "stage1"
     train(dataset, stage1, "steps=2")
-    stage2 = ["steps=4", "save_every=2", f"init_from={stage1 / 'export'}", "gan.disc_width=8", "gan.disc_layers=1"]
+    stage2 = ["steps=4", "save_every=2", f"init_from={stage1 / 'export'}", "gan.disc_width=8", "gan.disc_layers=1",
+              "gan.start_step=0", "perceptual.start_step=0"]
     config = "configs/tokenizer/tiny_stage2.yaml"
     train(dataset, tmp_path / "continuous", *stage2, config=config)
     train(dataset, tmp_path / "resumed", *stage2, "stop_at=2", config=config)

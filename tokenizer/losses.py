@@ -61,10 +61,13 @@ class PerceptualConfig:
     weight: float = 0.1  # 0 disables the perceptual loss
     layers: tuple[int, ...] = ()  # 0-based encoder block indices; () = every block
     lpips_path: Optional[str] = None  # local .safetensors / .pth with VGG16 features + LPIPS heads
+    start_step: int = 0  # no perceptual term before this step (as GANConfig.start_step)
 
     def validate(self) -> None:
         if not self.weight >= 0:
             raise ConfigError(f"PerceptualConfig.weight must be >= 0, got {self.weight}")
+        if self.start_step < 0:
+            raise ConfigError(f"PerceptualConfig.start_step must be >= 0, got {self.start_step}")
         if any(i < 0 for i in self.layers) or len(set(self.layers)) != len(self.layers):
             raise ConfigError(f"PerceptualConfig.layers must be distinct block indices >= 0, got "
                               f"{list(self.layers)}")

@@ -70,7 +70,7 @@ class StageRunner:
         # recon·MSE + quantizer·BSQ (+ align·CLIP with text): the stage-1 loss, shared with the bench
         total, terms = stage1_loss_terms(self.model, out, pixels, batch.labels, self.weights,
                                          batch.negative_labels if self.use_text else None)
-        if self.perceptual is not None:
+        if self.perceptual is not None and step >= self.cfg.perceptual.start_step:
             perceptual = self.perceptual(out.reconstruction, real)
             total = total + self.cfg.perceptual.weight * perceptual
             terms["perceptual"] = perceptual

@@ -8,13 +8,16 @@ are atomic: files via a temporary sibling, directories whole (a temporary direct
 from __future__ import annotations
 
 import argparse
+import collections
 import io
 import json
+import multiprocessing
 import shutil
 import sys
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from itertools import islice
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -206,7 +209,7 @@ def _source_count(data: Path, split: str) -> int | None:
 
 
 def write_code_shard(tok: LoadedTokenizer, samples: Iterator[Sample], path: Path,
-                     batch_size: int, bar: tqdm) -> int:
+                     batch_size: int, bar: tqdm | None = None) -> int:
     """Encode ``samples`` batch by batch into one mirror shard; returns the samples written.
 
     The PNG is re-encoded from the decoded pixels (pixel-identical to the source, whatever its
@@ -223,34 +226,88 @@ def write_code_shard(tok: LoadedTokenizer, samples: Iterator[Sample], path: Path
                 sink.write({"__key__": sample.key, "png": png_bytes(image), "json": meta,
                             CODES_FIELD: codes_npy_bytes(codes, group_size)})
             written += len(batch)
-            bar.update(len(batch))
+            if bar is not None:
+                bar.update(len(batch))
     return written
 
 
-def precompute_split(tok: LoadedTokenizer, data: Path, split: str, out: Path, batch_size: int,
-                     progress: bool) -> dict:
-    """One split: a mirror shard per source shard, with the same name (even if every sample of
-    it was skipped, so the shard lists of data and codes always correspond)."""
-    skip_log, shards, total = SkipLog(), [], 0
+class ShardJob(NamedTuple):
+    split: str
+    source: str  # source shard path
+    dest: Path  # mirror shard path (same name, in the output directory)
+
+
+class ShardResult(NamedTuple):
+    written: int
+    skipped: dict[str, int]  # reason -> count (SkipLog.counts)
+
+
+def encode_shard(tok: LoadedTokenizer, job: ShardJob, batch_size: int, bar: tqdm | None = None) -> ShardResult:
+    skip_log = SkipLog()
     size = tok.model.config.encoder.image_size
-    with tqdm(total=_source_count(data, split), desc=f"precompute {split}", unit="img",
-              disable=not progress) as bar:
-        for source in resolve_shards(data, split):
-            shards.append(Path(source).name)
-            samples = iter(ShardDataset([source], image_size=size, skip_log=skip_log))
-            total += write_code_shard(tok, samples, out / shards[-1], batch_size, bar)
-    if not total:
-        raise UserError(f"split {split!r} of {data} has no usable samples (skipped: {skip_log.summary()})")
-    return {"samples": total, "shards": shards, "skipped": skip_log.summary()}
+    samples = iter(ShardDataset([job.source], image_size=size, skip_log=skip_log))
+    written = write_code_shard(tok, samples, job.dest, batch_size, bar)
+    return ShardResult(written, dict(skip_log.counts))
+
+
+# The tokenizer the worker processes encode with: set by the parent before it forks them (the
+# model is inherited, not pickled or reloaded).
+_WORKER_TOKENIZER: LoadedTokenizer | None = None
+
+
+def _init_worker(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def _encode_shard_in_worker(job: ShardJob, batch_size: int) -> ShardResult:
+    return encode_shard(_WORKER_TOKENIZER, job, batch_size)
+
+
+def encode_shards(tok: LoadedTokenizer, jobs: list[ShardJob], batch_size: int, workers: int,
+                  bar: tqdm) -> list[ShardResult]:
+    """Every job's result, in job order. ``workers`` > 1 forks that many processes (CPU only),
+    each encoding whole shards with its share of the CPU threads; the shards are the same bytes
+    either way."""
+    if workers <= 1 or len(jobs) <= 1:
+        return [encode_shard(tok, job, batch_size, bar) for job in jobs]
+    global _WORKER_TOKENIZER
+    _WORKER_TOKENIZER = tok
+    threads = max(1, torch.get_num_threads() // workers)
+    context = multiprocessing.get_context("fork")
+    try:
+        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context, initializer=_init_worker,
+                                 initargs=(threads,)) as pool:
+            futures = {pool.submit(_encode_shard_in_worker, job, batch_size): i for i, job in enumerate(jobs)}
+            results: list[ShardResult | None] = [None] * len(jobs)
+            for future in as_completed(futures):
+                results[futures[future]] = future.result()
+                bar.update(results[futures[future]].written)  # per shard: workers cannot share the bar
+            return results
+    finally:
+        _WORKER_TOKENIZER = None
 
 
 def precompute(tok: LoadedTokenizer, data: Path, splits: list[str], out: Path,
-               batch_size: int = 64, progress: bool = True) -> dict:
-    """Write ``out`` whole (temporary directory renamed at the end); returns its manifest."""
+               batch_size: int = 64, progress: bool = True, workers: int = 1) -> dict:
+    """Write ``out`` whole (temporary directory renamed at the end); returns its manifest.
+
+    One mirror shard per source shard, with the same name (even if every sample of it was
+    skipped, so the shard lists of data and codes always correspond).
+    """
     check_data_image_size(data, splits[0], tok.model.config.encoder.image_size)
+    device = next(tok.model.parameters()).device
+    if workers > 1 and device.type != "cpu":  # a forked child cannot use its parent's CUDA context
+        raise UserError(f"{workers} workers fork CPU processes; the tokenizer is on {device}: use 1")
     cfg = tok.model.config.bsq
     with atomic_output_dir(out) as tmp:
-        split_info = {s: precompute_split(tok, data, s, tmp, batch_size, progress) for s in splits}
+        jobs = [ShardJob(split, source, tmp / Path(source).name)
+                for split in splits for source in resolve_shards(data, split)]
+        counts = [_source_count(data, split) for split in splits]
+        total = sum(counts) if None not in counts else None
+        with tqdm(total=total, desc=f"precompute {','.join(splits)}", unit="img", disable=not progress) as bar:
+            results = encode_shards(tok, jobs, batch_size, workers, bar)
+        split_info = {split: split_summary(data, split, [(job, result) for job, result in zip(jobs, results)
+                                                         if job.split == split]) for split in splits}
         if (data / "config.yaml").is_file():  # keeps data_config(codes_dir) working for eval
             shutil.copyfile(data / "config.yaml", tmp / "config.yaml")
         manifest = {"format": PRECOMPUTED_FORMAT, "tokenizer_hash": tok.hash, "source": str(data),
@@ -260,6 +317,16 @@ def precompute(tok: LoadedTokenizer, data: Path, splits: list[str], out: Path,
                     "fields": ["png", "json", CODES_FIELD], "splits": split_info}
         atomic_write_json(tmp / MANIFEST_NAME, manifest)
     return manifest
+
+
+def split_summary(data: Path, split: str, done: list[tuple[ShardJob, ShardResult]]) -> dict:
+    skipped: collections.Counter[str] = collections.Counter()
+    for _, result in done:
+        skipped.update(result.skipped)
+    samples = sum(result.written for _, result in done)
+    if not samples:
+        raise UserError(f"split {split!r} of {data} has no usable samples (skipped: {dict(sorted(skipped.items()))})")
+    return {"samples": samples, "shards": [job.dest.name for job, _ in done], "skipped": dict(sorted(skipped.items()))}
 
 
 def cmd_precompute(args: argparse.Namespace) -> None:
@@ -272,7 +339,9 @@ def cmd_precompute(args: argparse.Namespace) -> None:
     if pytorch_worker_info()[1] != 1:
         raise UserError("precompute must run in a single process (unset RANK/WORLD_SIZE), "
                         "otherwise each process would see only part of the data")
-    manifest = precompute(tok, data, splits, out, args.batch_size, progress=not args.quiet)
+    if args.workers < 1:
+        raise UserError(f"--workers must be >= 1, got {args.workers}")
+    manifest = precompute(tok, data, splits, out, args.batch_size, progress=not args.quiet, workers=args.workers)
     for split, info in manifest["splits"].items():
         print(f"{split}: {info['samples']} samples in {len(info['shards'])} shards, skipped {info['skipped']}")
     print(f"wrote codes of tokenizer {tok.hash} to {out}")
@@ -395,6 +464,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, metavar="DATA_DIR", help="directory of webdataset shards")
     p.add_argument("--splits", default="train,val,test", help="comma-separated splits (train,val,test)")
     p.add_argument("--out", required=True, metavar="CODES_DIR", help="output directory")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes encoding whole shards in parallel, CPU only (default 1); the shards "
+                        "come out the same bytes either way")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=cmd_precompute)
     return parser
