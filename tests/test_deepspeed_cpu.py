@@ -26,7 +26,7 @@ from train.distributed import find_free_port, use_interpreter_ninja
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = "train/lm_smoke.py"
 CONFIG = "configs/smoke/lm_smoke.yaml"
-TIMEOUT_S = 600  # generous: a cold run compiles the comm op first; a warm run takes ~15 s
+TIMEOUT_S = 600  # generous: a run takes ~15-25 s
 
 
 def _launcher(name: str, module: str) -> list[str]:
@@ -70,8 +70,10 @@ def test_two_process_smoke(tmp_path: Path, launcher: str, stage: int) -> None:
     launch = {"torchrun": torchrun_cmd, "deepspeed": deepspeed_cmd}[launcher](port)
     cmd = [*launch, SCRIPT, "--config", CONFIG,
            f"engine.deepspeed_config=configs/deepspeed/zero{stage}.json", f"out_dir={out_dir}"]
-    proc = subprocess.run(cmd, cwd=REPO, env=smoke_env(tmp_path), capture_output=True, text=True,
-                          timeout=TIMEOUT_S)
+    # an empty extensions cache: DeepSpeed must not JIT-build its shared-memory all-reduce op
+    # (train.distributed.init_distributed turns it off; building it took ~50 s here)
+    env = {**smoke_env(tmp_path), "TORCH_EXTENSIONS_DIR": str(tmp_path / "extensions")}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     output = (proc.stdout + proc.stderr)[-6000:]
     assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}:\n{output}"
 
@@ -88,9 +90,10 @@ def test_two_process_smoke(tmp_path: Path, launcher: str, stage: int) -> None:
     assert len(losses) == summary["steps"]
     assert (out_dir / "consolidated" / "model.safetensors").is_file()
     assert (out_dir / "config.yaml").is_file()
-    # DeepSpeed's CPU all-reduce leaves a ~67 MB /dev/shm file per rank unless we unlink it
+    # DeepSpeed's CPU all-reduce op would leave a ~67 MB /dev/shm file per rank
     leaked = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     assert not leaked, f"shared-memory buffers left behind: {leaked}"
+    assert "shm_comm_op built" not in output and not list((tmp_path / "extensions").glob("**/*shm*"))
 
 
 def test_the_interpreters_ninja_goes_first_on_path(tmp_path: Path) -> None:

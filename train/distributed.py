@@ -132,17 +132,23 @@ def init_distributed(backend: str | None = None) -> DistInfo:
     if not dist.is_initialized():
         import deepspeed  # deferred: see the module docstring
 
-        use_interpreter_ninja()  # before DeepSpeed builds or loads its comm op
-
+        use_interpreter_ninja()  # before DeepSpeed builds or loads an op
+        # DeepSpeed's shared-memory all-reduce op serves only inference_all_reduce (AutoTP
+        # inference), which nothing here calls: training collectives go through gloo either way.
+        # Left on, it is JIT-compiled on first use (~50 s with g++ 12: a fresh clone's `make demo`
+        # spent 83 s in its first DeepSpeed step against 24 s with the build cached, session 24),
+        # and every CPU rank maps a 67 MB /dev/shm workspace.
+        deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
         if backend == "gloo" and dist.get_world_size() > 1:
             dist.barrier()  # every rank has mapped every other rank's buffer by now
-            release_shm_allreduce_buffer(dist.get_rank())
+            release_shm_allreduce_buffer(dist.get_rank())  # in case a DeepSpeed build still made one
     return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(),
                     local_rank=local_rank, backend=backend, device=device)
 
 
 SHM_DIR = Path("/dev/shm")
+SHM_COMM_OP = "deepspeed_shm_comm"  # ShareMemCommBuilder.NAME in deepspeed.ops.op_builder.cpu.comm
 
 
 def shm_allreduce_buffer(rank: int) -> Path:
