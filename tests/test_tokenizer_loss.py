@@ -39,6 +39,12 @@ def test_recon_fraction_outside_unit_interval_is_an_error(fraction):
         TokenizerTrainConfig(recon_fraction=fraction).validate()
 
 
+def test_freeze_codes_is_for_stage_2_only():
+    with pytest.raises(ConfigError, match="freeze_codes=true .* stage 2 only"):
+        TokenizerTrainConfig(freeze_codes=True).validate()
+    TokenizerTrainConfig(stage=2, init_from="stage1/export", freeze_codes=True).validate()
+
+
 def test_code_align_adds_a_clip_term_on_the_code_embeddings():
     """weights.code_align: total gains code_align x the CLIP loss of (code_embeds, text_embeds);
     0 leaves the objective as it was; the config refuses it without a code head in stage 1 (stage 2,

@@ -122,6 +122,15 @@ def test_stage2_freezes_encoder_and_keeps_text_tower(dataset, tmp_path):
     loaded = load_tokenizer(tmp_path / "stage2" / "export")
     assert loaded.model.text is not None and loaded.metadata["stage"] == 2
 
+    # freeze_codes: the bottleneck's down MLP (and so every image's codes) stays stage 1's
+    train(dataset, tmp_path / "codes_kept", "steps=2", f"init_from={stage1 / 'export'}", "freeze_codes=true",
+          config="configs/tokenizer/tiny_stage2.yaml")
+    kept = load_file(tmp_path / "codes_kept" / "export" / "model.safetensors")
+    down = [k for k in before if k.startswith("bottleneck.down.")]
+    up = [k for k in before if k.startswith("bottleneck.up.")]
+    assert down and up and all(torch.equal(before[k], kept[k]) for k in down)
+    assert any(not torch.equal(before[k], kept[k]) for k in up)
+
 
 def test_auto_balance_uses_pilot_losses(dataset, tmp_path):
     out = tmp_path / "auto"

@@ -360,13 +360,16 @@ class QLIP(nn.Module):
     def encoder_frozen(self) -> bool:
         return self._encoder_frozen
 
-    def freeze_encoder(self) -> "QLIP":
+    def freeze_encoder(self, codes_too: bool = False) -> "QLIP":
         """Stop training everything but the bottleneck MLPs and the decoder.
 
         Freezes the ViT encoder, the [CLS] head, the text tower (if any) and the logit scale, and
         runs the encoder trunk without autograd from then on (no activations kept for it).
+        ``codes_too`` also freezes the bottleneck's down MLP, so images keep the codes they had
+        (only the up MLP and the decoder train).
         """
-        for module in (self.encoder, self.image_head, self.code_head, self.text):
+        for module in (self.encoder, self.image_head, self.code_head, self.text,
+                       self.bottleneck.down if codes_too else None):
             if module is not None:
                 module.requires_grad_(False)
         self.logit_scale.requires_grad_(False)

@@ -68,7 +68,7 @@ def build_stage_model(cfg: TokenizerTrainConfig, text_tokenizer: TextTokenizer |
     stage1 = load_tokenizer(cfg.init_from).model
     model = QLIP(dataclasses.replace(stage1.config))
     model.load_state_dict(stage1.state_dict())
-    model.freeze_encoder().drop_text()
+    model.freeze_encoder(codes_too=cfg.freeze_codes).drop_text()
     return model.train(), stage1
 
 

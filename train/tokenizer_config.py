@@ -47,6 +47,9 @@ class TokenizerTrainConfig:
     preset: str = "tiny"
     model: dict = dataclasses.field(default_factory=dict)  # overrides on the preset (stage 1)
     init_from: Optional[str] = None  # stage 2: the stage-1 export directory
+    # stage 2: also freeze the bottleneck's down MLP, so every image keeps its stage-1 codes (the
+    # codes code_align trained to name the objects); only the up MLP and the decoder train
+    freeze_codes: bool = False
     data: TokenizerDataConfig = dataclasses.field(default_factory=TokenizerDataConfig)
     weights: LossWeights = dataclasses.field(default_factory=LossWeights)
     balance: BalanceConfig = dataclasses.field(default_factory=BalanceConfig)
@@ -84,6 +87,8 @@ class TokenizerTrainConfig:
         if self.stage == 1 and self.weights.code_align > 0 and not self.model.get("code_head"):
             raise ConfigError("weights.code_align > 0 aligns the codes' embedding with text: it needs "
                               "model.code_head: true")
+        if self.stage == 1 and self.freeze_codes:
+            raise ConfigError("freeze_codes=true freezes the codes of a stage-1 export: stage 2 only")
         if self.stage == 2 and self.balance.mode == "auto":
             raise ConfigError("balance.mode=auto balances alignment vs reconstruction: stage 1 only")
         unknown = sorted(set(self.lr_mult) - set(PARTS))
