@@ -274,16 +274,20 @@ def encode_shards(tok: LoadedTokenizer, jobs: list[ShardJob], batch_size: int, w
     _WORKER_TOKENIZER = tok
     threads = max(1, torch.get_num_threads() // workers)
     context = multiprocessing.get_context("fork")
+    pool = ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context, initializer=_init_worker,
+                               initargs=(threads,))
     try:
-        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context, initializer=_init_worker,
-                                 initargs=(threads,)) as pool:
-            futures = {pool.submit(_encode_shard_in_worker, job, batch_size): i for i, job in enumerate(jobs)}
-            results: list[ShardResult | None] = [None] * len(jobs)
-            for future in as_completed(futures):
-                results[futures[future]] = future.result()
-                bar.update(results[futures[future]].written)  # per shard: workers cannot share the bar
-            return results
+        futures = {pool.submit(_encode_shard_in_worker, job, batch_size): i for i, job in enumerate(jobs)}
+        results: list[ShardResult | None] = [None] * len(jobs)
+        for future in as_completed(futures):
+            results[futures[future]] = future.result()
+            bar.update(results[futures[future]].written)  # per shard: workers cannot share the bar
+        return results
+    except BaseException:  # a failed shard or Ctrl-C: do not start the shards still queued
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
     finally:
+        pool.shutdown(wait=True)
         _WORKER_TOKENIZER = None
 
 
