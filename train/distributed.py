@@ -137,39 +137,16 @@ def init_distributed(backend: str | None = None) -> DistInfo:
         # inference), which nothing here calls: training collectives go through gloo either way.
         # Left on, it is JIT-compiled on first use (~50 s with g++ 12: a fresh clone's `make demo`
         # spent 83 s in its first DeepSpeed step against 24 s with the build cached, session 24),
-        # and every CPU rank maps a 67 MB /dev/shm workspace.
+        # and every CPU rank maps a 67 MB /dev/shm workspace that DeepSpeed never unlinks (before
+        # session 24 each rank unlinked its own after a barrier). tests/test_deepspeed_cpu.py
+        # fails if the op is built or a workspace is left behind.
         deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
-        if backend == "gloo" and dist.get_world_size() > 1:
-            dist.barrier()  # every rank has mapped every other rank's buffer by now
-            release_shm_allreduce_buffer(dist.get_rank())  # in case a DeepSpeed build still made one
     return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(),
                     local_rank=local_rank, backend=backend, device=device)
 
 
-SHM_DIR = Path("/dev/shm")
 SHM_COMM_OP = "deepspeed_shm_comm"  # ShareMemCommBuilder.NAME in deepspeed.ops.op_builder.cpu.comm
-
-
-def shm_allreduce_buffer(rank: int) -> Path:
-    """The POSIX shared-memory file of DeepSpeed's CPU all-reduce workspace for ``rank`` of this
-    job (DeepSpeed's ``shm.cpp`` names it ``deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``)."""
-    return SHM_DIR / (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
-                      f"{os.environ.get('MASTER_PORT', '')}_{rank}")
-
-
-def release_shm_allreduce_buffer(rank: int) -> None:
-    """Unlink this rank's all-reduce workspace name once every rank has mapped it.
-
-    DeepSpeed (0.19) creates a ~67 MB shared-memory file per CPU rank and never unlinks it, so
-    every multi-process CPU run leaked 2 x 67 MB of RAM in /dev/shm until reboot (18 GB after a
-    few days of tests here). Unlinking only removes the name: the mappings stay valid for the
-    rest of the run, and the kernel frees the memory when the last rank exits, crash or not.
-    """
-    try:
-        shm_allreduce_buffer(rank).unlink()
-    except FileNotFoundError:  # a DeepSpeed build without the SHM all-reduce
-        pass
 
 
 def _limit_cpu_threads(backend: str) -> None:

@@ -8,7 +8,6 @@ are atomic: files via a temporary sibling, directories whole (a temporary direct
 from __future__ import annotations
 
 import argparse
-import collections
 import io
 import json
 import multiprocessing
@@ -283,11 +282,8 @@ def encode_shards(tok: LoadedTokenizer, jobs: list[ShardJob], batch_size: int, w
             results[futures[future]] = future.result()
             bar.update(results[futures[future]].written)  # per shard: workers cannot share the bar
         return results
-    except BaseException:  # a failed shard or Ctrl-C: do not start the shards still queued
+    finally:  # after a failed shard or Ctrl-C, the shards still queued are not started
         pool.shutdown(wait=True, cancel_futures=True)
-        raise
-    finally:
-        pool.shutdown(wait=True)
         _WORKER_TOKENIZER = None
 
 
@@ -324,13 +320,13 @@ def precompute(tok: LoadedTokenizer, data: Path, splits: list[str], out: Path,
 
 
 def split_summary(data: Path, split: str, done: list[tuple[ShardJob, ShardResult]]) -> dict:
-    skipped: collections.Counter[str] = collections.Counter()
+    skip_log = SkipLog()  # the shards' counts merged
     for _, result in done:
-        skipped.update(result.skipped)
+        skip_log.counts.update(result.skipped)
     samples = sum(result.written for _, result in done)
     if not samples:
-        raise UserError(f"split {split!r} of {data} has no usable samples (skipped: {dict(sorted(skipped.items()))})")
-    return {"samples": samples, "shards": [job.dest.name for job, _ in done], "skipped": dict(sorted(skipped.items()))}
+        raise UserError(f"split {split!r} of {data} has no usable samples (skipped: {skip_log.summary()})")
+    return {"samples": samples, "shards": [job.dest.name for job, _ in done], "skipped": skip_log.summary()}
 
 
 def cmd_precompute(args: argparse.Namespace) -> None:
