@@ -131,11 +131,12 @@ def weighted_mean_loss(token_losses: TokenLosses, labels: torch.Tensor, vocab: V
     """The training loss: a weighted mean over labelled tokens, image-id targets weighted by
     ``image_token_weight`` and text targets by 1, divided by the sum of the weights.
 
-    Why a weight: a text-to-image sequence labels all h·w·G image ids (128 in the demo) while a
-    5-question conversation labels ~15 answer tokens: in the demo's mixture 83.4% of labelled
+    Why a weight: a text-to-image sequence labels all h·w·G image ids (128 with a patch-4
+    tokenizer; the demo's cell tokenizer has 18) while a 5-question conversation labels ~15 answer
+    tokens: with 128 ids per image 83.4% of the mixture's labelled
     tokens are image targets (100 micro-batches of 16), so a plain token mean gives image
     prediction 83% of the loss (55.7% at weight 0.25). Emu3 down-weights vision tokens (0.5) for
-    the same reason.
+    the same reason. With 18 ids per image the demo uses weight 1 (configs/unified/tiny.yaml).
     With weight 1 this is exactly the plain token mean; with 0, the mean over text targets only.
     ``labels`` (B, T) as given to :func:`modality_token_losses` (shifted inside, like there).
     """
